@@ -1,0 +1,1 @@
+"""CUDA C++ sources of seqpar's GPU kernels, shipped as package data."""

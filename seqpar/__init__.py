@@ -1,0 +1,8 @@
+"""seqpar: exact softmax attention over sequences split across MPI ranks."""
+from .layout import gather, shard
+from .strategies.kv_sharded import kv_sharded_attention
+from .strategies.local import attention
+from .strategies.ring import ring_attention
+
+__all__ = ["attention", "ring_attention", "kv_sharded_attention", "shard", "gather"]
+__version__ = "0.1.0"
