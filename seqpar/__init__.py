@@ -3,6 +3,8 @@ from .layout import gather, shard
 from .strategies.kv_sharded import kv_sharded_attention
 from .strategies.local import attention
 from .strategies.ring import ring_attention
+from .strategies.ulysses import ulysses_attention
 
-__all__ = ["attention", "ring_attention", "kv_sharded_attention", "shard", "gather"]
+__all__ = ["attention", "ring_attention", "kv_sharded_attention", "ulysses_attention",
+           "shard", "gather"]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ def plan_blocks(q_segments, k_segments, causal: bool) -> list[Block]:
     hides entirely are dropped; fully visible neighbours are fused into one call
     without a mask, so a zigzag step costs at most three calls.
     """
+    q_segments, k_segments = _coalesce(q_segments), _coalesce(k_segments)
     q_local = _local_slices(q_segments)
     k_local = _local_slices(k_segments)
     if not causal:
@@ -51,6 +52,17 @@ def plan_blocks(q_segments, k_segments, causal: bool) -> list[Block]:
             else:
                 plan.append(block)
     return plan
+
+
+def _coalesce(segments):
+    """Join neighbouring runs that are also neighbours in global position."""
+    joined: list[tuple[int, int]] = []
+    for start, length in segments:
+        if joined and joined[-1][0] + joined[-1][1] == start:
+            joined[-1] = (joined[-1][0], joined[-1][1] + length)
+        else:
+            joined.append((start, length))
+    return joined
 
 
 def _local_slices(segments):

@@ -1,4 +1,4 @@
 """Moving buffers between ranks; transports know nothing of attention."""
-from .mpi import RingExchange, allreduce
+from .mpi import RingExchange, allreduce, alltoall
 
-__all__ = ["RingExchange", "allreduce"]
+__all__ = ["RingExchange", "allreduce", "alltoall"]

@@ -8,7 +8,7 @@ from mpi4py import MPI
 
 from .._arrays import array_module
 
-__all__ = ["RingExchange", "allreduce"]
+__all__ = ["RingExchange", "allreduce", "alltoall"]
 
 
 class RingExchange:
@@ -113,6 +113,19 @@ def allreduce(comm: MPI.Comm, buffer, op: MPI.Op) -> None:
     host = buffer.get()
     comm.Allreduce(MPI.IN_PLACE, host, op=op)
     buffer.set(host)
+
+
+def alltoall(comm: MPI.Comm, send, recv) -> None:
+    """Alltoall of equal blocks: ``send[p]`` goes to rank p, ``recv[p]`` comes from it.
+
+    NumPy or CuPy buffers of shape (P, ...), contiguous (CuPy staged through host memory).
+    """
+    if isinstance(send, np.ndarray):
+        comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
+        return
+    host_send, host_recv = send.get(), np.empty(recv.shape, recv.dtype)
+    comm.Alltoall([_as_bytes(host_send), MPI.BYTE], [_as_bytes(host_recv), MPI.BYTE])
+    recv.set(host_recv)
 
 
 def _as_bytes(a: np.ndarray) -> np.ndarray:
