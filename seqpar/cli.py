@@ -39,10 +39,14 @@ def _say(*lines: str) -> None:
 
 
 def _xp(gpu: bool):
+    """numpy, or cupy with this rank on the GPU of its node-local rank (round robin)."""
     if not gpu:
         return np
     import cupy
 
+    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    cupy.cuda.Device(local.rank % cupy.cuda.runtime.getDeviceCount()).use()
+    local.Free()
     return cupy
 
 

@@ -110,7 +110,11 @@ def _settings(x, layout, axis):
 
 
 def _check_layout_args(x, layout, axis):
-    array_module(x)
+    try:
+        array_module(x)
+    except TypeError:
+        raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, "
+                        f"got {type(x).__module__}.{type(x).__name__}") from None
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not -x.ndim <= axis < x.ndim:

@@ -161,8 +161,12 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float, np.floating))
-                                          and np.isfinite(softmax_scale)):
-        raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale!r}")
+                                          and np.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a finite number > 0 or None, "
+                         f"got {softmax_scale!r}")
+    if type(q).__module__.startswith("cupy") and dtype_name(q.dtype) == "float64":
+        raise TypeError("q: float64 runs on the CPU only; on the GPU use float32, "
+                        "float16 or bfloat16")
     return {"array type": type(q).__module__.split(".")[0], "dtype": dtype_name(q.dtype),
             "batch": q.shape[0] if q.ndim == 4 else 1, "heads of q": hq, "heads of k/v": hk,
             "head_dim": q.shape[-1], "causal": bool(causal),
