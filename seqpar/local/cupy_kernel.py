@@ -161,14 +161,7 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
     if not isinstance(lse, cupy.ndarray) or lse.shape != (batch, hq, sq) or lse.dtype != np.float32:
         raise ValueError(f"lse must be a float32 cupy array of shape {(batch, hq, sq)}")
 
-    qs, ks, vs = (_elem_strides(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    os_ = _elem_strides(out, "out")
-    ls = _elem_strides(lse, "lse")
-    if kind != "f32":
-        for x, n in ((q, "q"), (k, "k"), (v, "v")):
-            _check_align(x, n, 16)
-        _check_align(out, "out", 8 if out.dtype == np.float32 else 4)
-
+    # Empty arrays may carry zero strides, so they leave before the stride checks.
     if batch == 0 or sq == 0 or hq == 0:
         return out, lse
     if sk == 0:
@@ -176,6 +169,14 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
             out.fill(0)
             lse.fill(-np.inf)
         return out, lse
+
+    qs, ks, vs = (_elem_strides(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    os_ = _elem_strides(out, "out")
+    ls = _elem_strides(lse, "lse")
+    if kind != "f32":
+        for x, n in ((q, "q"), (k, "k"), (v, "v")):
+            _check_align(x, n, 16)
+        _check_align(out, "out", 8 if out.dtype == np.float32 else 4)
 
     cfg = None if kind == "f32" else _MMA_CONFIG[d]
     fn, threads, rows, smem = _kernel(kind, d, dev, cfg)
