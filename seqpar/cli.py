@@ -8,8 +8,9 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from . import __version__, gather, kv_sharded_attention, ring_attention, shard
+from . import __version__, gather, kv_sharded_attention, ring_attention, shard, use_local_device
 from .strategies.local import attention
+from .transport import TRANSPORTS, cuda_aware_mpi
 
 __all__ = ["main"]
 
@@ -20,6 +21,7 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, MPI library and thread level, GPU")
     check = sub.add_parser("check", help="every strategy against a float64 softmax")
     check.add_argument("--gpu", action="store_true", help="use CuPy arrays")
+    check.add_argument("--transport", choices=TRANSPORTS, default="auto")
     bench = sub.add_parser("bench", help="time ring attention at one size")
     bench.add_argument("--seq", type=int, default=8192, help="global sequence length")
     bench.add_argument("--heads", type=int, default=8)
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     bench.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--gpu", action="store_true", help="use CuPy arrays")
+    bench.add_argument("--transport", choices=TRANSPORTS, default="auto")
     args = parser.parse_args(argv)
     return {"info": _info, "check": _check, "bench": _bench}[args.command](args)
 
@@ -44,9 +47,7 @@ def _xp(gpu: bool):
         return np
     import cupy
 
-    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
-    cupy.cuda.Device(local.rank % cupy.cuda.runtime.getDeviceCount()).use()
-    local.Free()
+    use_local_device()
     return cupy
 
 
@@ -56,13 +57,16 @@ def _info(args) -> int:
               MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
     try:
         import cupy
-        gpu = f"cupy {cupy.__version__}, {cupy.cuda.runtime.getDeviceCount()} device(s)"
+        from cupy.cuda import nccl
+
+        gpu = (f"cupy {cupy.__version__}, {cupy.cuda.runtime.getDeviceCount()} device(s), "
+               f"NCCL {'yes' if getattr(nccl, 'available', False) else 'no'}")
     except Exception as exc:  # no CuPy, or no driver: say which
         gpu = f"none ({type(exc).__name__}: {exc})"
     _say(f"seqpar {__version__}", f"numpy {np.__version__}",
          f"MPI: {MPI.Get_library_version().splitlines()[0]}",
          f"ranks: {comm.size}, thread level: {levels.get(MPI.Query_thread(), '?')}",
-         f"GPU: {gpu}")
+         f"GPU: {gpu}", f"CUDA-aware MPI: {'yes' if cuda_aware_mpi() else 'no'}")
     return 0
 
 
@@ -75,7 +79,7 @@ def _check(args) -> int:
     q, k, v = (rng.standard_normal((2, n, h, d)) for h in (heads, kv_heads, kv_heads))
     dtypes = ["float32", "float64"] if xp is np else ["float32", "float16"]
     tolerance = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3}
-    failures = 0
+    failures, stats = 0, {}
     for dtype in dtypes:
         qd, kd, vd = (xp.asarray(x.astype(dtype)) for x in (q, k, v))
         for causal in (False, True):
@@ -83,11 +87,13 @@ def _check(args) -> int:
             results = {"attention": attention(qd, kd, vd, causal=causal)}
             for layout in ("contiguous", "zigzag"):
                 parts = [shard(x, layout=layout) for x in (qd, kd, vd)]
-                out = ring_attention(*parts, causal=causal, layout=layout)
+                out = ring_attention(*parts, causal=causal, layout=layout,
+                                     transport=args.transport, stats=stats)
                 results[f"ring/{layout}"] = gather(out, layout=layout)
             if not causal:
                 keys = np.array_split(np.arange(n), comm.size)[comm.rank]
-                results["kv_sharded"] = kv_sharded_attention(qd, kd[:, keys], vd[:, keys])
+                results["kv_sharded"] = kv_sharded_attention(qd, kd[:, keys], vd[:, keys],
+                                                             transport=args.transport)
             for name, out in results.items():
                 out = out.get() if xp is not np else out
                 err = np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref)
@@ -96,7 +102,7 @@ def _check(args) -> int:
                 failures += not ok
                 _say(f"{'ok  ' if ok else 'FAIL'} {name:18s} {dtype:8s} causal={causal!s:5s} "
                      f"error {err:.1e} (tolerance {tolerance[dtype]:g})")
-    _say(f"{comm.size} rank(s): {'all passed' if not failures else f'{failures} FAILED'}")
+    _say(f"{comm.size} rank(s), transport {stats.get('transport')}: {'all passed' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0
 
 
@@ -121,22 +127,27 @@ def _bench(args) -> int:
     rng = np.random.default_rng(comm.rank)
     q, k, v = (xp.asarray(rng.standard_normal((1, local, args.heads, args.head_dim))
                           .astype(args.dtype)) for _ in range(3))
-    ring_attention(q, k, v, causal=args.causal, layout=args.layout)  # warm-up
+    options = dict(causal=args.causal, layout=args.layout, transport=args.transport)
+    ring_attention(q, k, v, **options)  # warm-up: compiles, sets up the transport
     times = []
     for _ in range(args.repeats):
         comm.Barrier()
         start = time.perf_counter()
-        out = ring_attention(q, k, v, causal=args.causal, layout=args.layout)
+        out = ring_attention(q, k, v, **options)
         if xp is not np:
             xp.cuda.get_current_stream().synchronize()
         times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
     del out
+    stats = {}
+    ring_attention(q, k, v, **options, stats=stats)
+    exposed = comm.allreduce(sum(stats["exposed_seconds"]), op=MPI.MAX)
     best = float(np.median(times))
     flops = 4.0 * args.seq**2 * args.heads * args.head_dim / (2 if args.causal else 1)
     _say(f"ring_attention ranks={comm.size} N={args.seq} heads={args.heads} d={args.head_dim} "
-         f"{args.dtype} causal={args.causal} layout={args.layout}: "
-         f"{best * 1e3:.1f} ms (median of {args.repeats}), "
-         f"{flops / best / 1e9 / comm.size:.1f} GFLOP/s per rank")
+         f"{args.dtype} causal={args.causal} layout={args.layout} "
+         f"transport={stats['transport']}: {best * 1e3:.1f} ms (median of {args.repeats}), "
+         f"{flops / best / 1e9 / comm.size:.1f} GFLOP/s per rank, "
+         f"exposed communication {exposed * 1e3:.1f} ms")
     return 0
 
 

@@ -112,13 +112,15 @@ def _gather_text(comm: MPI.Comm, text: str) -> list[str]:
 
 
 ATTENTION_SETTINGS = ("array type", "dtype", "batch", "heads of q", "heads of k/v",
-                      "head_dim", "causal", "softmax_scale", "layout", "q length", "k length")
+                      "head_dim", "causal", "softmax_scale", "layout", "transport",
+                      "q length", "k length")
 
 
 def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
-                           layout="contiguous") -> dict:
+                           layout="contiguous", transport=None, comm=None) -> dict:
     """Local checks of attention arguments; returns the settings ranks must share.
 
+    ``transport`` (with the ``comm`` it runs on) is checked where given.
     Raises TypeError or ValueError that names the argument at fault.
     """
     from ._arrays import array_module, dtype_name, is_supported_dtype
@@ -167,8 +169,13 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
     if type(q).__module__.startswith("cupy") and dtype_name(q.dtype) == "float64":
         raise TypeError("q: float64 runs on the CPU only; on the GPU use float32, "
                         "float16 or bfloat16")
+    if transport is not None:
+        from .transport import check_transport
+
+        check_transport(comm, transport, q)
     return {"array type": type(q).__module__.split(".")[0], "dtype": dtype_name(q.dtype),
             "batch": q.shape[0] if q.ndim == 4 else 1, "heads of q": hq, "heads of k/v": hk,
             "head_dim": q.shape[-1], "causal": bool(causal),
             "softmax_scale": None if softmax_scale is None else float(softmax_scale),
-            "layout": layout, "q length": q.shape[-3], "k length": k.shape[-3]}
+            "layout": layout, "transport": transport,
+            "q length": q.shape[-3], "k length": k.shape[-3]}

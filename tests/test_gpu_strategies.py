@@ -20,10 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 
 @pytest.fixture(autouse=True)
 def _local_gpu():
-    local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
-    with cupy.cuda.Device(local.rank % _GPUS):
-        yield
-    local.Free()
+    seqpar.use_local_device()
 
 
 def _gpu(*arrays):

@@ -28,7 +28,6 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
             out=None, lse=None, accumulate=False):
     """Attention of q over (k, v); see :mod:`seqpar.local` for the contract."""
     batch, sq, hq, d = q.shape
-    hk = k.shape[2]
     acc = accumulation_dtype(q.dtype)
     if out is None:
         out = np.empty(q.shape, dtype=q.dtype)
@@ -51,7 +50,7 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
 def _attend(q, k, v, scale, causal, q_offset, k_offset, out, lse):
     """Write normalised output (B, Sq, Hq, D) and lse (B, Hq, Sq) in the accumulator dtype."""
     batch, sq, hq, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+    hk = k.shape[2]
     group = hq // hk
     acc = out.dtype
     tile_rows = max(1, _TILE_ROWS // group)  # query positions per tile

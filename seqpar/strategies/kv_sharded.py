@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from mpi4py import MPI
 
-from ..transport import allreduce
+from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, check_attention_inputs, resolve_comm, validate
 from ._prepare import prepare
 
@@ -15,7 +14,7 @@ _AGREE = tuple(name for name in ATTENTION_SETTINGS if name != "k length")
 
 
 def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = None,
-                         return_lse: bool = False):
+                         return_lse: bool = False, transport: str = "auto"):
     """Attention of the same queries on every rank over K/V split across the ranks.
 
     The shape of decoding: each rank attends its queries to its own K/V slice,
@@ -35,6 +34,8 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         Defaults to 1 / sqrt(D).
     return_lse : bool
         Also return lse, shape (B, Hq, Sq), float32 (float64 for float64 input).
+    transport : {"auto", "host", "nccl", "cuda-aware", "staged"}
+        How data moves between ranks (see :func:`seqpar.ring_attention`).
 
     Returns
     -------
@@ -42,14 +43,16 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         (out, lse) when ``return_lse``.
     """
     comm = resolve_comm(comm)
-    validate(comm, lambda: check_attention_inputs(q, k, v, softmax_scale=softmax_scale), _AGREE)
+    validate(comm, lambda: check_attention_inputs(q, k, v, softmax_scale=softmax_scale,
+                                                  transport=transport, comm=comm), _AGREE)
     p = prepare(q, k, v, softmax_scale)
     xp, acc = p.xp, p.accumulator
+    mover = get_transport(comm, p.q, transport)
     out = xp.empty(p.q.shape, dtype=acc)
     out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=out)
 
     global_max = lse.copy()
-    allreduce(comm, global_max, MPI.MAX)
+    mover.allreduce(global_max, "max")
     batch, sq, hq, d = out.shape
     # one buffer, one Allreduce: rescaled numerators (B, Sq, Hq, D), then denominators
     sums = xp.empty(out.size + lse.size, dtype=acc)
@@ -58,7 +61,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
     finite_max = xp.where(global_max == -np.inf, 0, global_max)
     xp.exp(lse - finite_max, out=denominators)  # 0 for a rank that saw no key
     xp.multiply(out, denominators.transpose(0, 2, 1)[..., None], out=numerators)
-    allreduce(comm, sums, MPI.SUM)
+    mover.allreduce(sums, "sum")
 
     seen = denominators > 0
     safe = xp.where(seen, denominators, 1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..layout import LAYOUTS, local_segments
-from ..transport import RingExchange
+from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, check_attention_inputs, resolve_comm, validate
 from ._plan import plan_blocks
 from ._prepare import prepare
@@ -14,7 +14,8 @@ __all__ = ["ring_attention"]
 
 def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                    softmax_scale: float | None = None, layout: str = "contiguous",
-                   return_lse: bool = False):
+                   return_lse: bool = False, transport: str = "auto",
+                   stats: dict | None = None):
     """Exact attention over a sequence split across the ranks of ``comm``.
 
     Each rank holds its slice of Q, K and V (see :func:`seqpar.shard`). K/V blocks
@@ -41,6 +42,14 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         balances causal work; S must be even).
     return_lse : bool
         Also return lse, shape (B, Hq, S), float32 (float64 for float64 input).
+    transport : {"auto", "host", "nccl", "cuda-aware", "staged"}
+        How blocks move (see :mod:`seqpar.transport`): "auto" picks host MPI for
+        NumPy, and NCCL, else CUDA-aware MPI, else MPI staged through pinned host
+        memory for CuPy.
+    stats : dict, optional
+        Filled with "transport" (the one that ran), "bytes_per_step" and
+        "exposed_seconds" (per step, how long compute waited for the next block;
+        for CuPy this synchronises with the stream at the end).
 
     Returns
     -------
@@ -56,7 +65,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
 
     def check():
         settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                          layout=layout)
+                                          layout=layout, transport=transport, comm=comm)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         s, sk = settings["q length"], settings["k length"]
@@ -76,8 +85,9 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
     out = xp.zeros(p.q.shape, dtype=acc)
     lse = xp.full((batch, hq, s), -np.inf, dtype=acc)
     q_segments = local_segments(layout, comm.rank, comm.size, s)
+    mover = get_transport(comm, p.q, transport)
 
-    with RingExchange(comm, xp.stack([p.k, p.v])) as ring:
+    with mover.ring(xp.stack([p.k, p.v])) as ring:
         for step in range(comm.size):
             if step + 1 < comm.size:
                 ring.start()
@@ -92,4 +102,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                                  accumulate=True)
             if step + 1 < comm.size:
                 ring.wait()
+    if stats is not None:
+        stats.update(transport=mover.name, bytes_per_step=ring.nbytes,
+                     exposed_seconds=ring.exposed_seconds())
     return p.finish(out, lse, return_lse)
