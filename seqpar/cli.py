@@ -102,7 +102,8 @@ def _check(args) -> int:
                 failures += not ok
                 _say(f"{'ok  ' if ok else 'FAIL'} {name:18s} {dtype:8s} causal={causal!s:5s} "
                      f"error {err:.1e} (tolerance {tolerance[dtype]:g})")
-    _say(f"{comm.size} rank(s), transport {stats.get('transport')}: {'all passed' if not failures else f'{failures} FAILED'}")
+    verdict = f"{failures} FAILED" if failures else "all passed"
+    _say(f"{comm.size} rank(s), transport {stats.get('transport')}: {verdict}")
     return 1 if failures else 0
 
 

@@ -13,7 +13,8 @@ place with op "sum" or "max", and ``alltoall(send, recv)``.
                so that copies overlap the transfer
 ``"auto"``     NumPy: host. CuPy: nccl where every rank has it and no two ranks
                share a GPU (NCCL refuses that), else cuda-aware where the MPI
-               says so on every rank, else staged
+               says so on every rank, else staged (also on one rank, where
+               nothing crosses)
 =============  ==============================================================
 
 CUDA-aware MPI is detected with ``MPIX_Query_cuda_support`` (Open MPI) or
@@ -123,6 +124,8 @@ class _GpuContext:
     def resolve(self, name: str) -> str:
         """The transport ``name`` means here; the same answer on every rank."""
         if name == "auto":
+            if self.comm.size == 1:  # nothing crosses: no NCCL communicator needed
+                return "staged"
             if self.nccl_everywhere and not self.gpus_shared:
                 return "nccl"
             return "cuda-aware" if self.cuda_aware_everywhere else "staged"

@@ -27,14 +27,21 @@ class NcclTransport:
 
         self.comm = comm
         self.device_id = device_id
-        uid = np.zeros(128, dtype=np.int64)  # NCCL_UNIQUE_ID_BYTES
+        uid = bytearray(128)  # NCCL_UNIQUE_ID_BYTES
         if comm.rank == 0:
-            uid[:] = nccl.get_unique_id()
-        comm.Bcast(uid, root=0)
+            made = nccl.get_unique_id()  # bytes in recent CuPy, a tuple of ints in older
+            uid[:] = made if isinstance(made, bytes) else bytes(c & 0xFF for c in made)
+        comm.Bcast([uid, MPI.BYTE], root=0)
         with cupy.cuda.Device(device_id):
-            self._nccl = nccl.NcclCommunicator(comm.size, tuple(int(c) for c in uid), comm.rank)
+            try:
+                self._nccl = nccl.NcclCommunicator(comm.size, bytes(uid), comm.rank)
+            except TypeError:  # older CuPy: signed chars
+                signed = tuple(np.frombuffer(bytes(uid), dtype=np.int8).tolist())
+                self._nccl = nccl.NcclCommunicator(comm.size, signed, comm.rank)
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self._lib = nccl
+        self._byte = next(getattr(nccl, name) for name in ("NCCL_UINT8", "NCCL_INT8", "NCCL_CHAR")
+                          if hasattr(nccl, name))
         self._types = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
                        np.dtype(np.float16): nccl.NCCL_FLOAT16}
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX}
@@ -58,7 +65,7 @@ class NcclTransport:
 
         stream = cupy.cuda.get_current_stream().ptr
         part = send.nbytes // self.comm.size
-        byte = self._lib.NCCL_UINT8
+        byte = self._byte
         self._lib.groupStart()
         try:
             for peer in range(self.comm.size):
@@ -71,8 +78,8 @@ class NcclTransport:
         """Send ``send`` to ``next_rank`` and receive ``recv`` from ``prev_rank`` on ``stream``."""
         self._lib.groupStart()
         try:
-            self._nccl.send(send.data.ptr, send.nbytes, self._lib.NCCL_UINT8, next_rank, stream.ptr)
-            self._nccl.recv(recv.data.ptr, recv.nbytes, self._lib.NCCL_UINT8, prev_rank, stream.ptr)
+            self._nccl.send(send.data.ptr, send.nbytes, self._byte, next_rank, stream.ptr)
+            self._nccl.recv(recv.data.ptr, recv.nbytes, self._byte, prev_rank, stream.ptr)
         finally:
             self._lib.groupEnd()
 
