@@ -3,6 +3,8 @@
 Run with any number of ranks, e.g.::
 
     mpiexec -n 4 python examples/ring_attention.py --seq 32768 --causal
+    mpiexec -n 2 python examples/ring_attention.py --gpu --dtype bfloat16 --seq 131072 \
+        --heads 16 --head-dim 128 --causal     # one GPU per rank (CuPy)
 
 Each rank builds the same global Q, K, V from one seed, keeps its slice, runs
 seqpar.ring_attention, and checks a sample of its own rows against a plain
@@ -18,6 +20,9 @@ from mpi4py import MPI
 import seqpar
 from seqpar.layout import local_segments
 
+# relative error vs float64 (DESIGN.md); bfloat16 and float16 on the GPU only
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,26 +30,44 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=None, help="fewer K/V heads: GQA")
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--dtype", choices=list(TOLERANCE), default="float32")
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true",
+                        help="CuPy arrays, each rank on the GPU of its node-local rank")
+    parser.add_argument("--transport", default="auto", help="GPU: nccl, cuda-aware or staged")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     kv_heads = args.kv_heads or args.heads
+    xp = np
+    if args.gpu:
+        import cupy as xp
+
+        seqpar.use_local_device()
+    if args.dtype == "bfloat16":
+        import ml_dtypes  # the gpu or lowp extra
+
+        dtype = ml_dtypes.bfloat16
+    else:
+        dtype = np.dtype(args.dtype)
 
     rng = np.random.default_rng(2026)
     shape = (1, args.seq, args.heads, args.head_dim)
     kv_shape = (1, args.seq, kv_heads, args.head_dim)
-    q, k, v = (rng.standard_normal(s).astype(args.dtype) for s in (shape, kv_shape, kv_shape))
-    q_local, k_local, v_local = (seqpar.shard(x, layout=args.layout) for x in (q, k, v))
+    q, k, v = (rng.standard_normal(s, dtype=np.float32).astype(dtype)
+               for s in (shape, kv_shape, kv_shape))
+    q_local, k_local, v_local = (xp.asarray(seqpar.shard(x, layout=args.layout))
+                                 for x in (q, k, v))
 
-    times = []
+    times, stats = [], {}
     for _ in range(args.repeats):
         comm.Barrier()
         start = time.perf_counter()
         out = seqpar.ring_attention(q_local, k_local, v_local, causal=args.causal,
-                                    layout=args.layout)
+                                    layout=args.layout, transport=args.transport, stats=stats)
+        if args.gpu:
+            xp.cuda.get_current_stream().synchronize()
         times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
     best = min(times)
 
@@ -53,15 +76,18 @@ def main():
                                 local_segments(args.layout, comm.rank, comm.size, q_local.shape[1])])
     rows = np.random.default_rng(comm.rank).choice(len(positions), size=min(64, len(positions)),
                                                    replace=False)
-    ref = _reference_rows(q_local[0, rows], positions[rows], k[0], v[0], args.causal)
-    err = np.linalg.norm(out[0, rows] - ref) / np.linalg.norm(ref)
+    q_host, out_host = (x.get() if args.gpu else x for x in (q_local, out))
+    ref = _reference_rows(q_host[0, rows], positions[rows], k[0], v[0], args.causal)
+    err = np.linalg.norm(out_host[0, rows].astype(np.float64) - ref) / np.linalg.norm(ref)
     worst = comm.allreduce(err, op=MPI.MAX)
 
     flops = 4.0 * args.seq**2 * args.heads * args.head_dim / (2 if args.causal else 1)
-    tolerance = 1e-12 if args.dtype == "float64" else 1e-5
+    tolerance = TOLERANCE[args.dtype]
     if comm.rank == 0:
-        print(f"ring attention: {comm.size} ranks, N={args.seq}, heads={args.heads}/{kv_heads}, "
-              f"d={args.head_dim}, {args.dtype}, causal={args.causal}, layout={args.layout}")
+        where = f"GPU, transport {stats['transport']}" if args.gpu else "CPU"
+        print(f"ring attention: {comm.size} ranks ({where}), N={args.seq}, "
+              f"heads={args.heads}/{kv_heads}, d={args.head_dim}, {args.dtype}, "
+              f"causal={args.causal}, layout={args.layout}")
         print(f"  time {best * 1e3:.1f} ms (best of {args.repeats}), "
               f"{flops / best / 1e9:.1f} GFLOP/s in all, "
               f"{flops / best / 1e9 / comm.size:.1f} GFLOP/s per rank")

@@ -33,7 +33,7 @@ class RingExchange:
         self.comm = comm
         self.next = (comm.rank + 1) % comm.size
         self.prev = (comm.rank - 1) % comm.size
-        self._blocks = [first_block, _empty_like(first_block)]
+        self._blocks = [first_block, None]  # the spare is made on the first start()
         self.nbytes = first_block.nbytes  # sent per step
         self._current = 0
         self._stream = None  # the compute stream, for CuPy blocks
@@ -53,7 +53,10 @@ class RingExchange:
     def start(self) -> None:
         """Post the transfer of :attr:`current` to the next rank and of the previous
         rank's block into the spare buffer."""
-        self._start(self.current, self._blocks[1 - self._current])
+        spare = 1 - self._current
+        if self._blocks[spare] is None:
+            self._blocks[spare] = _empty_like(self.current)
+        self._start(self.current, self._blocks[spare])
 
     def wait(self) -> None:
         """Complete the transfer; the received block becomes :attr:`current`."""
