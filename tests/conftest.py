@@ -216,6 +216,21 @@ def raises_everywhere(comm, exc_type, match, call, same_message=True):
     return everyone[0][2]
 
 
+def require_gpu():
+    """Import CuPy for a GPU test module, or skip the whole module (the CPU CI).
+
+    Returns (cupy, number of visible CUDA devices).
+    """
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:  # no driver
+        count = 0
+    if count == 0:
+        pytest.skip("no CUDA device", allow_module_level=True)
+    return cupy, count
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's node id: fresh per test, equal on every rank."""

@@ -19,13 +19,9 @@ import math
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NDEV = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # pragma: no cover - no driver
-    _NDEV = 0
-if _NDEV == 0:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
+from conftest import require_gpu
+
+cupy, _ = require_gpu()
 
 from reference import reference_attention, relative_error  # noqa: E402
 

@@ -2,18 +2,13 @@
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    _GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError:
-    _GPUS = 0
-if _GPUS == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from conftest import check_attention, random_qkv, require_gpu
+
+cupy, _ = require_gpu()
 
 from mpi4py import MPI  # noqa: E402
 
 import seqpar  # noqa: E402
-from conftest import check_attention, random_qkv  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 

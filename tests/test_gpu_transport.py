@@ -8,20 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    _GPUS = cupy.cuda.runtime.getDeviceCount()
-except cupy.cuda.runtime.CUDARuntimeError:
-    _GPUS = 0
-if _GPUS == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+from conftest import check_attention, raises_everywhere, random_qkv, require_gpu
+from reference import reference_attention, relative_error
+
+cupy, _GPUS = require_gpu()
 
 from mpi4py import MPI  # noqa: E402
 
 import seqpar  # noqa: E402
 from seqpar.transport import cuda_aware_mpi, get_transport  # noqa: E402
-from conftest import check_attention, raises_everywhere, random_qkv  # noqa: E402
-from reference import reference_attention, relative_error  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
 

@@ -41,6 +41,9 @@ class RingExchange:
             import cupy
 
             self._stream = cupy.cuda.get_current_stream()
+            # recorded by start(): the block to send and the spare to overwrite are
+            # final once the kernels queued before it are done
+            self._ready = cupy.cuda.Event(block=False, disable_timing=True)
         self._exposed: list = []
 
     @property
@@ -56,6 +59,8 @@ class RingExchange:
         spare = 1 - self._current
         if self._blocks[spare] is None:
             self._blocks[spare] = _empty_like(self.current)
+        if self._stream is not None:
+            self._ready.record(self._stream)
         self._start(self.current, self._blocks[spare])
 
     def wait(self) -> None:

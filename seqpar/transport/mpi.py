@@ -67,28 +67,19 @@ class _MpiRing(RingExchange):
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="seqpar-ring") if threaded else None
         self._pending = None
         self._requests: list[MPI.Request] = []
-        self._ready = None
-        if self._stream is not None:
-            import cupy
-
-            self._ready = cupy.cuda.Event(block=False, disable_timing=True)
 
     def _start(self, send, recv) -> None:
         send_buf, recv_buf = [_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE]
-        if self._ready is not None:
-            # the block to send and the spare to overwrite are final once the kernels
-            # queued so far are done
-            self._ready.record(self._stream)
         if self._worker is not None:
             self._pending = self._worker.submit(self._sendrecv, send_buf, recv_buf)
         else:
-            if self._ready is not None:
+            if self._stream is not None:  # MPI reads device memory from the host
                 self._ready.synchronize()
             self._requests = [self.comm.Irecv(recv_buf, self.prev, 0),
                               self.comm.Isend(send_buf, self.next, 0)]
 
     def _sendrecv(self, send_buf, recv_buf) -> None:
-        if self._ready is not None:
+        if self._stream is not None:
             self._ready.synchronize()
         self.comm.Sendrecv(send_buf, self.next, 0, recv_buf, self.prev, 0)
 

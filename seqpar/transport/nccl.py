@@ -96,15 +96,11 @@ class _NcclRing(RingExchange):
 
         super().__init__(transport.comm, first_block)
         self._transport = transport
-        self._ready = cupy.cuda.Event(block=False, disable_timing=True)
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
 
     def _start(self, send, recv) -> None:
         comm_stream = self._transport.stream
-        # the block to send and the spare to overwrite are final after the kernels
-        # queued so far: the transfer waits for them on the GPU, not on the host
-        self._ready.record(self._stream)
-        comm_stream.wait_event(self._ready)
+        comm_stream.wait_event(self._ready)  # on the GPU, not on the host
         self._transport.sendrecv(send, recv, self.next, self.prev, comm_stream)
         self._arrived.record(comm_stream)
 

@@ -71,7 +71,6 @@ class _StagedRing(RingExchange):
 
         super().__init__(transport.comm, first_block)
         self._transport = transport
-        self._ready = cupy.cuda.Event(block=False, disable_timing=True)
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and transport.comm.size > 1
         # without MPI threads the transfer runs inside wait(): correct, not overlapped
@@ -80,9 +79,6 @@ class _StagedRing(RingExchange):
         self._job = None
 
     def _start(self, send, recv) -> None:
-        # the block to send and the spare to overwrite are final once the kernels
-        # queued so far are done
-        self._ready.record(self._stream)
         job = partial(self._transfer, send, recv)
         self._job = self._worker.submit(job) if self._worker is not None else job
 
