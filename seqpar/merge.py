@@ -4,7 +4,15 @@ Two partial results over disjoint key sets, each normalised within its own set,
 ``(o1, lse1)`` and ``(o2, lse2)``, combine exactly and in any order::
 
     lse = max(lse1, lse2) + log1p(exp(-|lse1 - lse2|))
-    o   = exp(lse1 - lse) * o1 + exp(lse2 - lse) * o2
+    o   = w1 * o1 + w2 * o2,   w1 = 1 / (1 + exp(lse2 - lse1)),  w2 = 1 - w1
+
+The weights are computed from the difference ``lse2 - lse1`` alone, as a
+sigmoid, so they lie in [0, 1] and sum to one: the merged output stays a convex
+combination of values (within the range of V) at any score magnitude. The lse
+that is carried between merges is float64 (``CARRY_DTYPE``): a float32 lse of
+magnitude 1e5 is only known to 0.01, which would make every weight wrong by a
+percent; float64 keeps the difference exact to far below float32 resolution. It
+costs 8 bytes per (batch, head, query), nothing next to the outputs.
 
 An lse of -inf (no visible key) has weight zero; two of them give lse -inf and
 o 0, never NaN. Written once against the array module of its inputs.
@@ -15,17 +23,26 @@ import numpy as np
 
 from ._arrays import array_module
 
-__all__ = ["merge_into", "combined_lse"]
+__all__ = ["CARRY_DTYPE", "merge_into", "merge_weights"]
+
+CARRY_DTYPE = np.dtype(np.float64)
 
 
-def combined_lse(lse1, lse2):
-    """log(exp(lse1) + exp(lse2)), overflow-free and -inf safe."""
-    xp = array_module(lse1)
-    hi = xp.maximum(lse1, lse2)
-    with np.errstate(invalid="ignore"):
-        gap = xp.minimum(lse1, lse2) - hi  # <= 0; NaN where both are -inf
-    gap = xp.where(hi == -np.inf, -np.inf, gap)
-    return hi + xp.log1p(xp.exp(gap))
+def merge_weights(lse, block_lse):
+    """(w_old, w_new, merged lse) for merging ``block_lse`` into ``lse``, -inf safe."""
+    xp = array_module(lse)
+    with np.errstate(invalid="ignore", over="ignore"):
+        gap = block_lse - lse                     # NaN where both are -inf
+        both_empty = xp.isnan(gap)
+        gap = xp.where(both_empty, -np.inf, gap)  # keep the old (empty) result
+        small = xp.exp(-xp.abs(gap))              # in [0, 1]
+        big_share = 1.0 / (1.0 + small)
+        small_share = small * big_share
+        newer = gap > 0
+        w_new = xp.where(newer, big_share, small_share)
+        w_old = xp.where(newer, small_share, big_share)
+        merged = xp.maximum(lse, block_lse) + xp.log1p(small)
+    return w_old, w_new, merged
 
 
 def merge_into(out, lse, block_out, block_lse) -> None:
@@ -33,17 +50,19 @@ def merge_into(out, lse, block_out, block_lse) -> None:
 
     Parameters
     ----------
-    out, block_out : array, shape (B, S, H, D)
+    out, block_out : array, shape (..., S, H, D)
         Normalised partial outputs; ``out`` is float32 or float64.
-    lse, block_lse : array, shape (B, H, S)
-        Their log-sum-exp values (natural log), same dtype as ``out``'s accumulator.
+    lse, block_lse : array, shape (..., H, S)
+        Their log-sum-exp values (natural log); ``lse`` is the float64 carry.
     """
-    xp = array_module(out)
-    new_lse = combined_lse(lse, block_lse)
-    finite = xp.where(new_lse == -np.inf, 0, new_lse)
-    # (B, H, S) weights broadcast against (B, S, H, D) outputs
-    w_old = xp.exp(lse - finite).transpose(0, 2, 1)[..., None]
-    w_new = xp.exp(block_lse - finite).transpose(0, 2, 1)[..., None]
-    out *= w_old
-    out += w_new * block_out
-    lse[...] = new_lse
+    w_old, w_new, merged = merge_weights(lse, block_lse)
+    dtype = out.dtype
+    # (..., H, S) weights broadcast against (..., S, H, D) outputs
+    out *= _per_row(w_old).astype(dtype, copy=False)
+    out += _per_row(w_new).astype(dtype, copy=False) * block_out
+    lse[...] = merged
+
+
+def _per_row(weights):
+    """(..., H, S) -> (..., S, H, 1), to scale outputs of shape (..., S, H, D)."""
+    return weights.swapaxes(-1, -2)[..., None]

@@ -1,8 +1,11 @@
 """Blocked attention on the CPU: BLAS matmuls over K/V tiles with an online softmax.
 
-Memory stays O(S*d + tile^2): a (rows x keys) score tile is the largest temporary.
-Queries of the heads that share one K/V head (GQA) are stacked as rows of one
-matrix, so K/V are read once per group and never copied per query head.
+Memory stays O(tile): a (rows x keys) score tile is the largest temporary, and
+each tile job reads q, k and v in place (any strides) and writes its own rows of
+out and lse, so nothing of the size of the inputs is allocated besides the
+output. Queries of the heads that share one K/V head (GQA) are stacked as rows
+of one matrix, so K/V are read once per group and never copied per query head.
+Implements the contract of :mod:`seqpar.local`.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .._arrays import accumulation_dtype
-from ..merge import merge_into
+from ..masks import FULL, HIDDEN
+from ..merge import CARRY_DTYPE, merge_weights
 
-__all__ = ["forward"]
+__all__ = ["forward", "backward", "backward_delta", "visible_key_range"]
 
 # Rows (query positions x group) and keys per score tile: 512 x 1024 float32
 # scores are 2 MiB, large enough for efficient BLAS calls, small enough for L2/L3
@@ -24,102 +28,127 @@ _TILE_ROWS = 512
 _TILE_KEYS = 1024
 
 
-def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
+def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
             out=None, lse=None, accumulate=False):
     """Attention of q over (k, v); see :mod:`seqpar.local` for the contract."""
     batch, sq, hq, d = q.shape
-    acc = accumulation_dtype(q.dtype)
     if out is None:
         out = np.empty(q.shape, dtype=q.dtype)
     if lse is None:
-        lse = np.empty((batch, hq, sq), dtype=acc)
-    if accumulate:
-        block_out = np.empty(q.shape, dtype=acc)
-        block_lse = np.empty((batch, hq, sq), dtype=acc)
-        _attend(q, k, v, scale, causal, q_offset, k_offset, block_out, block_lse)
-        merge_into(out, lse, block_out, block_lse)
-    elif out.dtype == acc:
-        _attend(q, k, v, scale, causal, q_offset, k_offset, out, lse)
-    else:
-        block_out = np.empty(q.shape, dtype=acc)
-        _attend(q, k, v, scale, causal, q_offset, k_offset, block_out, lse)
-        out[...] = block_out
+        lse = np.empty((batch, hq, sq), dtype=CARRY_DTYPE)
+    jobs = [functools.partial(_attend_tile, q, k, v, out, lse, float(scale), mask, int(q_offset),
+                              int(k_offset), b, h, p0, p1, _key_limit(key_lengths, b, k.shape[1]),
+                              accumulate)
+            for b, h, p0, p1 in _row_tiles(q, k)]
+    run_jobs(jobs)
     return out, lse
 
 
-def _attend(q, k, v, scale, causal, q_offset, k_offset, out, lse):
-    """Write normalised output (B, Sq, Hq, D) and lse (B, Hq, Sq) in the accumulator dtype."""
-    batch, sq, hq, d = q.shape
-    hk = k.shape[2]
-    group = hq // hk
-    acc = out.dtype
-    tile_rows = max(1, _TILE_ROWS // group)  # query positions per tile
-    shift = q_offset - k_offset
-    jobs = []
-    for b in range(batch):
-        for h in range(hk):
-            heads = slice(h * group, (h + 1) * group)
-            # rows ordered (position, head in group): a tile of positions is contiguous
-            rows = np.multiply(q[b, :, heads, :], scale, dtype=acc).reshape(sq * group, d)
-            keys_t = np.ascontiguousarray(k[b, :, h, :].T, dtype=acc)
-            values = np.ascontiguousarray(v[b, :, h, :], dtype=acc)
-            for p0 in range(0, sq, tile_rows):
-                p1 = min(p0 + tile_rows, sq)
-                jobs.append((rows, keys_t, values, group, causal, shift, p0, p1,
-                             out[b, p0:p1, heads, :], lse[b, heads, p0:p1]))
-    pool, blas = _threads()
-    if pool is None or len(jobs) == 1:
-        for job in jobs:
-            _attend_tile(*job)
-        return
-    # one BLAS thread per tile job: the pool already keeps every core busy
-    with blas.limit(limits=1, user_api="blas"):
-        for done in [pool.submit(_attend_tile, *job) for job in jobs]:
-            done.result()
+def _row_tiles(q, k):
+    """(batch, K/V head, first, last query position) of every row tile."""
+    batch, sq, hq, _ = q.shape
+    group = hq // k.shape[2]
+    step = max(1, _TILE_ROWS // group)
+    return [(b, h, p0, min(p0 + step, sq)) for b in range(batch) for h in range(k.shape[2])
+            for p0 in range(0, sq, step)]
 
 
-def _attend_tile(rows, keys_t, values, group, causal, shift, p0, p1, out, lse):
-    """Online softmax over key tiles for query positions [p0, p1) of one K/V head.
+def _key_limit(key_lengths, b, sk):
+    if key_lengths is None:
+        return sk
+    return max(0, min(sk, int(key_lengths[b])))
 
-    rows: (Sq*G, D) scaled queries, row r at position r // G; key j is hidden from
-    position i when causal and j > i + shift. out: (p1-p0, G, D); lse: (G, p1-p0).
+
+def visible_key_range(mask, q_offset, k_offset, p0, p1, sk):
+    """Local keys [j0, j1) that queries [p0, p1) may see, and the per-row bounds.
+
+    Returns (j0, j1, lo, hi) with lo/hi the local visible interval of each row
+    (None when every key is visible to every row).
     """
-    sk = keys_t.shape[1]
-    visible = min(sk, p1 - 1 + shift + 1) if causal else sk
-    if visible <= 0:
-        out[...] = 0
-        lse[...] = -np.inf
-        return
-    q_tile = rows[p0 * group:p1 * group]
-    n_rows, d = q_tile.shape
-    o_tile = np.empty((n_rows, d), dtype=rows.dtype)
-    row_max = np.full(n_rows, -np.inf, dtype=rows.dtype)
-    for j0 in range(0, visible, _TILE_KEYS):
-        j1 = min(j0 + _TILE_KEYS, visible)
-        scores = q_tile @ keys_t[:, j0:j1]
-        if causal and j1 - 1 > p0 + shift:
-            positions = np.arange(p0, p1).repeat(group) + shift
-            np.copyto(scores, -np.inf, where=np.arange(j0, j1)[None, :] > positions[:, None])
+    if mask is None:
+        return 0, sk, None, None
+    lo, hi = mask.bounds(np.arange(q_offset + p0, q_offset + p1))
+    lo, hi = lo - k_offset, hi - k_offset
+    return max(0, int(lo[0])), min(sk, int(hi[-1]) + 1), lo, hi
+
+
+def _tile_kind(lo, hi, j0, j1):
+    """HIDDEN, FULL or partial for rows with local bounds lo/hi against keys [j0, j1)."""
+    if lo is None:
+        return FULL
+    if lo[0] > j1 - 1 or hi[-1] < j0:
+        return HIDDEN
+    return FULL if lo[-1] <= j0 and hi[0] >= j1 - 1 else "partial"
+
+
+def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p1, sk,
+                 accumulate):
+    """Online softmax over key tiles for query positions [p0, p1) of K/V head h."""
+    group = q.shape[2] // k.shape[2]
+    heads = slice(h * group, (h + 1) * group)
+    acc = accumulation_dtype(q.dtype)
+    n_rows, d = (p1 - p0) * group, q.shape[3]
+    j_begin, j_end, lo, hi = visible_key_range(mask, q_offset, k_offset, p0, p1, sk)
+    # rows ordered (position, head in group): row r is at position p0 + r // group
+    q_tile = np.multiply(q[b, p0:p1, heads, :], scale, dtype=acc).reshape(n_rows, d)
+    if lo is not None:
+        lo, hi = np.repeat(lo, group), np.repeat(hi, group)
+    o_tile = np.zeros((n_rows, d), dtype=acc)
+    row_max = np.full(n_rows, -np.inf, dtype=acc)
+    row_sum = np.zeros(n_rows, dtype=acc)
+    for j0 in range(j_begin, j_end, _TILE_KEYS):
+        j1 = min(j0 + _TILE_KEYS, j_end)
+        kind = _tile_kind(lo, hi, j0, j1)
+        if kind == HIDDEN:
+            continue
+        scores = q_tile @ _as(k[b, j0:j1, h, :], acc).T
+        if kind != FULL:
+            cols = np.arange(j0, j1)
+            hidden = (cols[None, :] < lo[:, None]) | (cols[None, :] > hi[:, None])
+            np.copyto(scores, -np.inf, where=hidden)
         new_max = np.maximum(row_max, scores.max(axis=1))
         finite_max = np.where(new_max == -np.inf, 0, new_max)
         scores -= finite_max[:, None]
         np.exp(scores, out=scores)
-        if j0 == 0:
-            row_sum = scores.sum(axis=1)
-            np.matmul(scores, values[j0:j1], out=o_tile)
-        else:
-            rescale = np.exp(row_max - finite_max)
-            row_sum *= rescale
-            row_sum += scores.sum(axis=1)
-            o_tile *= rescale[:, None]
-            o_tile += scores @ values[j0:j1]
+        rescale = np.exp(row_max - finite_max)
+        row_sum *= rescale
+        row_sum += scores.sum(axis=1)
+        o_tile *= rescale[:, None]
+        o_tile += scores @ _as(v[b, j0:j1, h, :], acc)
         row_max = new_max
     seen = row_sum > 0
     o_tile /= np.where(seen, row_sum, 1)[:, None]
-    out[...] = o_tile.reshape(out.shape)
     with np.errstate(divide="ignore"):
-        tile_lse = np.where(seen, row_max + np.log(np.where(seen, row_sum, 1)), -np.inf)
-    lse[...] = tile_lse.reshape(p1 - p0, group).T
+        tile_lse = np.where(seen, row_max.astype(CARRY_DTYPE)
+                            + np.log(np.where(seen, row_sum, 1).astype(CARRY_DTYPE)), -np.inf)
+    o_tile = o_tile.reshape(p1 - p0, group, d)
+    tile_lse = tile_lse.reshape(p1 - p0, group).T
+    out_rows, lse_rows = out[b, p0:p1, heads, :], lse[b, heads, p0:p1]
+    if accumulate:
+        w_old, w_new, merged = merge_weights(lse_rows.astype(CARRY_DTYPE), tile_lse)
+        o_tile *= w_new.T[..., None].astype(acc)
+        o_tile += w_old.T[..., None].astype(acc) * out_rows
+        tile_lse = merged
+    out_rows[...] = o_tile
+    lse_rows[...] = tile_lse
+
+
+def _as(x, dtype):
+    """x itself when it has the dtype (BLAS reads strided 2-D views), else a cast copy."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def run_jobs(jobs) -> None:
+    """Run independent tile jobs on the rank's thread pool (or inline on one core)."""
+    pool, blas = _threads()
+    if pool is None or len(jobs) == 1:
+        for job in jobs:
+            job()
+        return
+    # one BLAS thread per tile job: the pool already keeps every core busy
+    with blas.limit(limits=1, user_api="blas"):
+        for done in [pool.submit(job) for job in jobs]:
+            done.result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,3 +165,16 @@ def _threads():
     from threadpoolctl import ThreadpoolController
 
     return ThreadPoolExecutor(threads, thread_name_prefix="seqpar"), ThreadpoolController()
+
+
+def backward_delta(dout, out):
+    """delta = rowsum(dout * out), shape (B, H, S), in the accumulation dtype."""
+    acc = accumulation_dtype(out.dtype)
+    return np.einsum("bshd,bshd->bhs", dout.astype(acc, copy=False), out.astype(acc, copy=False))
+
+
+def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
+             dq=None, dk=None, dv=None, accumulate=False):
+    """Gradients of attention over this block of keys; see :mod:`seqpar.local`."""
+    raise NotImplementedError("the NumPy backward is not written yet")
+
