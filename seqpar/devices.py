@@ -5,7 +5,7 @@ import os
 
 from mpi4py import MPI
 
-from .validation import resolve_comm
+from .comms import resolve_comm
 
 __all__ = ["use_local_device"]
 

@@ -1,33 +1,92 @@
-"""Which global tokens a rank holds, and shard/gather between global and local arrays."""
+"""Which global tokens a rank holds; shard and gather between global and local arrays.
+
+``contiguous``: rank r holds one run of tokens, after those of ranks < r; ranks may
+hold different numbers of tokens (0 included). ``zigzag``: the sequence is cut
+into 2P equal chunks and rank r holds chunks r and 2P-1-r, which balances causal
+work; it needs equal chunks.
+"""
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
+from . import comms
 from ._arrays import array_module
-from .validation import resolve_comm, validate
+from .validation import agree
 
-__all__ = ["LAYOUTS", "local_segments", "shard", "gather"]
+__all__ = ["LAYOUTS", "segments", "split_lengths", "local_indices", "shard", "gather"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
 
-def local_segments(layout: str, rank: int, size: int, local_len: int) -> list[tuple[int, int]]:
-    """(global start, length) of each contiguous run of a rank's tokens, in local order.
+def segments(layout: str, lengths: Sequence[int], rank: int) -> list[tuple[int, int]]:
+    """(global start, length) of each run of rank ``rank``'s tokens, in local order.
 
-    ``contiguous``: rank r holds [r*S, (r+1)*S). ``zigzag``: the sequence is cut into
-    2P chunks of S/2 and rank r holds chunks r and 2P-1-r, which balances causal work.
+    ``lengths[r]`` is the number of tokens rank r holds (all equal and even for
+    zigzag).
     """
     if layout == "contiguous":
-        return [(rank * local_len, local_len)]
-    half = local_len // 2
+        return [(int(sum(lengths[:rank])), int(lengths[rank]))]
+    half = int(lengths[rank]) // 2
+    size = len(lengths)
     return [(rank * half, half), ((2 * size - 1 - rank) * half, half)]
 
 
-def _parts(layout: str, size: int) -> int:
-    return size if layout == "contiguous" else 2 * size
+def split_lengths(n: int, size: int) -> list[int]:
+    """Tokens per rank when ``n`` tokens are split as evenly as possible (the first
+    ``n % size`` ranks hold one more)."""
+    return [n // size + (r < n % size) for r in range(size)]
 
 
-def shard(x, comm=None, layout: str = "contiguous", axis: int = 1):
+def _lengths_for(n: int, size: int, layout: str, lengths) -> list[int]:
+    """Per-rank lengths: given (checked), or the even split of the layout."""
+    if lengths is not None:
+        lengths = [int(x) for x in lengths]
+        if len(lengths) != size or min(lengths) < 0 or sum(lengths) != n:
+            raise ValueError(f"lengths must give a count >= 0 for each of the {size} ranks "
+                             f"summing to {n}, got {lengths}")
+        if layout == "zigzag" and (len(set(lengths)) != 1 or lengths[0] % 2):
+            raise ValueError(f"zigzag layout needs equal, even lengths, got {lengths}")
+        return lengths
+    if layout == "zigzag":
+        if n % (2 * size):
+            raise ValueError(f"length {n} is not divisible by 2P = {2 * size} "
+                             f"(zigzag layout over {size} ranks)")
+        return [n // size] * size
+    return split_lengths(n, size)
+
+
+def local_indices(n: int, comm=None, layout: str = "contiguous", lengths=None) -> np.ndarray:
+    """The global positions of the tokens this rank holds, in local order.
+
+    Build only your slice of the data from them, e.g. ``x = data[:, idx]`` on a
+    memory-mapped file. Not collective.
+
+    Parameters
+    ----------
+    n : int
+        Global sequence length.
+    comm : mpi4py.MPI.Comm, optional
+        Defaults to ``MPI.COMM_WORLD``.
+    layout : {"contiguous", "zigzag"}
+    lengths : sequence of int, optional
+        Tokens per rank (contiguous layout); by default as even as possible.
+
+    Returns
+    -------
+    numpy.ndarray of int64, shape (local length,)
+    """
+    comm = comms.resolve_comm(comm)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    per_rank = _lengths_for(int(n), comm.size, layout, lengths)
+    runs = segments(layout, per_rank, comm.rank)
+    return np.concatenate([np.arange(start, start + length, dtype=np.int64)
+                           for start, length in runs])
+
+
+def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None):
     """This rank's slice of a global array that every rank holds.
 
     Parameters
@@ -39,26 +98,30 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1):
     layout : {"contiguous", "zigzag"}
     axis : int
         The sequence axis (1 for (batch, seq, heads, head_dim)).
+    lengths : sequence of int, optional
+        Tokens per rank (contiguous layout); by default as even as possible
+        (zigzag: ``x.shape[axis]`` must be divisible by 2P).
 
     Returns
     -------
-    A new contiguous array: ``x.shape[axis] / P`` tokens along ``axis``.
+    A new C-contiguous array holding this rank's tokens along ``axis``.
     """
-    comm = resolve_comm(comm)
+    with comms.call(comm, "shard") as context:
+        comm = context.comm
 
-    def check():
-        _check_layout_args(x, layout, axis)
-        n = x.shape[axis]
-        if n % _parts(layout, comm.size):
-            raise ValueError(f"x: length {n} along axis {axis} is not divisible by "
-                             f"{_parts(layout, comm.size)} ({layout} layout over {comm.size} ranks)")
-        return _settings(x, layout, axis)
+        def check():
+            _check_layout_args(x, layout, axis)
+            n = x.shape[axis]
+            if layout == "zigzag" and lengths is None and n % (2 * comm.size):
+                raise ValueError(f"x: length {n} along axis {axis} is not divisible by "
+                                 f"{2 * comm.size} (zigzag layout over {comm.size} ranks)")
+            per_rank = _lengths_for(n, comm.size, layout, lengths)
+            return dict(_settings(x, layout, axis), lengths=per_rank)
 
-    validate(comm, check, _AGREE)
+        per_rank = agree(comm, "shard", check, _AGREE + ("lengths",)).settings["lengths"]
     xp = array_module(x)
-    local_len = x.shape[axis] // comm.size
-    pieces = [_take(x, start, start + n, axis)
-              for start, n in local_segments(layout, comm.rank, comm.size, local_len)]
+    pieces = [_take(x, start, start + n, axis) for start, n in segments(layout, per_rank,
+                                                                         comm.rank)]
     return xp.ascontiguousarray(xp.concatenate(pieces, axis=axis))
 
 
@@ -68,40 +131,49 @@ def gather(x, comm=None, layout: str = "contiguous", axis: int = 1):
     Parameters
     ----------
     x : numpy.ndarray or cupy.ndarray
-        This rank's slice; the same shape and dtype on every rank.
+        This rank's slice; the same shape but for ``axis`` on every rank (which
+        may differ in length with the contiguous layout).
     comm, layout, axis : as for :func:`shard`.
 
     Returns
     -------
-    An array of x's type and dtype with ``P * x.shape[axis]`` tokens along ``axis``.
+    An array of x's type and dtype holding every rank's tokens along ``axis``.
     """
-    comm = resolve_comm(comm)
+    with comms.call(comm, "gather") as context:
+        comm = context.comm
 
-    def check():
-        _check_layout_args(x, layout, axis)
-        if layout == "zigzag" and x.shape[axis] % 2:
-            raise ValueError(f"x: zigzag layout needs an even local length along axis "
-                             f"{axis}, got {x.shape[axis]}")
-        return _settings(x, layout, axis)
+        def check():
+            _check_layout_args(x, layout, axis)
+            if layout == "zigzag" and x.shape[axis] % 2:
+                raise ValueError(f"x: zigzag layout needs an even local length along axis "
+                                 f"{axis}, got {x.shape[axis]}")
+            other = tuple(n for i, n in enumerate(x.shape) if i != axis % x.ndim)
+            return dict(_settings(x, layout, axis), shape=other, length=x.shape[axis])
 
-    validate(comm, check, _AGREE)
-    xp = array_module(x)
-    axis = axis % x.ndim
-    host = np.ascontiguousarray(np.moveaxis(_to_host(x), axis, 0))
-    received = np.empty((comm.size,) + host.shape, dtype=host.dtype)
-    comm.Allgather(_bytes(host), _bytes(received))
-    local_len = host.shape[0]
-    whole = np.empty((comm.size * local_len,) + host.shape[1:], dtype=host.dtype)
+        agreement = agree(comm, "gather", check, _AGREE_GATHER, share=("length",))
+        per_rank = agreement.shared["length"].tolist()
+        if layout == "zigzag" and len(set(per_rank)) != 1:
+            raise ValueError(f"zigzag layout needs the same local length on every rank, "
+                             f"got {per_rank}")
+        xp = array_module(x)
+        axis = axis % x.ndim
+        with comms.communicating():
+            host = np.ascontiguousarray(np.moveaxis(_to_host(x), axis, 0))
+            row = int(np.prod(host.shape[1:], dtype=np.int64)) * host.dtype.itemsize
+            received = np.empty((sum(per_rank),) + host.shape[1:], dtype=host.dtype)
+            comm.Allgatherv(_bytes(host), [_bytes(received), [n * row for n in per_rank]])
+    whole = np.empty_like(received)
+    offset = 0
     for rank in range(comm.size):
-        offset = 0
-        for start, n in local_segments(layout, rank, comm.size, local_len):
-            whole[start:start + n] = received[rank, offset:offset + n]
+        for start, n in segments(layout, per_rank, rank):
+            whole[start:start + n] = received[offset:offset + n]
             offset += n
     whole = np.moveaxis(whole, 0, axis)
     return np.ascontiguousarray(whole) if xp is np else xp.ascontiguousarray(xp.asarray(whole))
 
 
 _AGREE = ("layout", "axis", "x.shape", "x.dtype", "array type")
+_AGREE_GATHER = ("layout", "axis", "shape", "x.dtype", "array type")
 
 
 def _settings(x, layout, axis):
@@ -117,7 +189,7 @@ def _check_layout_args(x, layout, axis):
                         f"got {type(x).__module__}.{type(x).__name__}") from None
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if not -x.ndim <= axis < x.ndim:
+    if not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for x with {x.ndim} dimensions")
 
 

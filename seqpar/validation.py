@@ -1,95 +1,158 @@
-"""Collective input validation: every rank raises the same clear error, or none does.
+"""Collective agreement: every rank raises the same clear error, or none does.
 
-Each rank checks its own arguments, then one small Allreduce(MAX) tells every rank
-the lowest rank that found a problem and whether the settings that must agree
-(shapes, dtypes, flags) do. Only on the error path do ranks exchange more: the
-message of the offending rank, or the values that differ. So a mistake on one
-rank never leaves the others waiting in point-to-point traffic.
+Each rank checks its own arguments and, if they are fine, acquires what the call
+needs (outputs, buffers); then ONE Allgather of a fixed-size message tells every
+rank which function every other rank called, from which thread, with which
+settings, whether its check or its allocation failed, and its local lengths. So
+a bad argument, a MemoryError, mismatched calls (different functions or
+settings on different ranks) or an interrupted rank give the same error on every
+rank before any point-to-point message, and the message never depends on what
+the other ranks called (a size mismatch would be an MPI error or a hang). Only
+on the error path do ranks exchange more: the text of the offending rank's
+message, or the values that differ.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Mapping, Sequence
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["resolve_comm", "validate"]
+from .comms import resolve_comm
 
-_ERROR_TYPES = (ValueError, TypeError)
+__all__ = ["resolve_comm", "agree", "Agreement", "ATTENTION_SETTINGS",
+           "check_attention_inputs"]
+
 _MESSAGE_BYTES = 1024
-_HASH_MASK = (1 << 62) - 1  # hashes stay positive and their negation fits int64
+_HASH_MASK = (1 << 62) - 1
+_MAX_SETTINGS = 24
+_MAX_SHARED = 4
+# slots: status, function, thread, settings hashes, shared ints
+_STATUS, _FUNCTION, _THREAD, _SETTINGS = 0, 1, 2, 3
+_SHARED = _SETTINGS + _MAX_SETTINGS
+_WIDTH = _SHARED + _MAX_SHARED
+# what a failed rank reports, in this order; anything else is "failed"
+_KINDS = (ValueError, TypeError, MemoryError)
 
 
-def resolve_comm(comm) -> MPI.Comm:
-    """``comm``, or ``MPI.COMM_WORLD`` when it is None."""
-    if comm is None:
-        return MPI.COMM_WORLD
-    if not isinstance(comm, MPI.Comm) or comm == MPI.COMM_NULL:
-        raise TypeError(f"comm must be an mpi4py.MPI.Comm, got {comm!r}")
-    return comm
+@dataclass
+class Agreement:
+    """What :func:`agree` returns: this rank's settings and resources, and the
+    shared integers of every rank (``shared[name][r]``)."""
+
+    settings: Mapping[str, Any]
+    resources: Any
+    shared: Mapping[str, np.ndarray]
 
 
-def validate(comm: MPI.Comm, check: Callable[[], Mapping[str, object]],
-             agree: Sequence[str]) -> Mapping[str, object]:
-    """Run ``check`` on every rank and compare settings across ranks, collectively.
+def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
+          agree_on: Sequence[str], acquire: Callable[[Mapping[str, Any]], Any] | None = None,
+          share: Sequence[str] = ()) -> Agreement:
+    """Check, acquire and agree, collectively over ``comm``.
 
     Parameters
     ----------
     comm : mpi4py.MPI.Comm
+        The communicator the call runs on (seqpar's private duplicate).
+    function : str
+        The public function called; every rank must call the same.
     check : callable
-        Raises ValueError or TypeError for a local problem with the arguments, else
-        returns {name: value} for at least the names in ``agree``.
-    agree : sequence of str
-        Names of the settings that must be equal on every rank.
-
-    Returns
-    -------
-    What ``check`` returned.
+        Raises ValueError or TypeError for a problem with this rank's arguments,
+        naming the argument; else returns {name: value} for at least the names in
+        ``agree_on`` and ``share``.
+    agree_on : sequence of str
+        Settings that must be equal on every rank (at most 24).
+    acquire : callable, optional
+        Called with the settings when the local check passed; allocates what the
+        call needs before any point-to-point message. A MemoryError (CuPy's
+        OutOfMemoryError included) is reported to every rank.
+    share : sequence of str
+        Integer settings every rank learns from every other (e.g. local lengths).
 
     Raises
     ------
-    ValueError or TypeError
-        On every rank, with the same message naming the rank at fault, when any
-        rank's check failed (the lowest such rank is reported) or a setting differs.
+    ValueError, TypeError, MemoryError
+        On every rank, with the same message naming the rank at fault.
+    RuntimeError
+        On every rank but the one at fault, when a rank failed in another way
+        (which re-raises its own exception).
     """
-    error: Exception | None = None
-    settings: Mapping[str, object] = {}
+    assert len(agree_on) <= _MAX_SETTINGS and len(share) <= _MAX_SHARED
+    settings: Mapping[str, Any] = {}
+    resources = None
+    failure: BaseException | None = None
     try:
         settings = check()
-    except _ERROR_TYPES as exc:
-        error = exc
-    n_fields = len(agree)
-    summary = np.zeros(1 + 2 * n_fields, dtype=np.int64)
-    if error is not None:
-        code = next(i for i, t in enumerate(_ERROR_TYPES) if isinstance(error, t))
-        summary[0] = (comm.size - comm.rank) * len(_ERROR_TYPES) + code
-    else:
-        hashes = np.array([_fingerprint(settings[name]) for name in agree], dtype=np.int64)
-        summary[1:1 + n_fields] = hashes
-        summary[1 + n_fields:] = -hashes
-    comm.Allreduce(MPI.IN_PLACE, summary, op=MPI.MAX)
+        if acquire is not None:
+            resources = acquire(settings)
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank, re-raised below
+        failure = exc
 
-    if summary[0]:
-        culprit = comm.size - int(summary[0]) // len(_ERROR_TYPES)
-        kind = _ERROR_TYPES[int(summary[0]) % len(_ERROR_TYPES)]
-        text = _broadcast_text(comm, str(error) if error is not None else "", culprit)
-        if error is not None and comm.rank == culprit:
-            raise kind(f"rank {culprit}: {text}") from error
-        raise kind(f"rank {culprit}: {text}")
-    differs = np.flatnonzero(summary[1:1 + n_fields] != -summary[1 + n_fields:])
+    mine = np.zeros(_WIDTH, dtype=np.int64)
+    mine[_FUNCTION] = _fingerprint(function)
+    mine[_THREAD] = _fingerprint(threading.current_thread().name)
+    if failure is not None:
+        mine[_STATUS] = 1 + next((i for i, t in enumerate(_KINDS) if isinstance(failure, t)),
+                                 len(_KINDS))
+    else:
+        for i, name in enumerate(agree_on):
+            mine[_SETTINGS + i] = _fingerprint(settings[name])
+        for i, name in enumerate(share):
+            mine[_SHARED + i] = int(settings[name])
+    everyone = np.empty((comm.size, _WIDTH), dtype=np.int64)
+    comm.Allgather(mine, everyone)
+
+    if np.any(everyone[:, _FUNCTION] != everyone[0, _FUNCTION]):
+        names = _gather_text(comm, function)
+        calls = ", ".join(f"rank {r} called {name}" for r, name in enumerate(names))
+        _raise(ValueError(f"the ranks called different seqpar functions ({calls}); every "
+                          "rank of the communicator must make the same call"), failure)
+    if np.any(everyone[:, _THREAD] != everyone[0, _THREAD]):
+        names = _gather_text(comm, threading.current_thread().name)
+        other = next(r for r, name in enumerate(names) if name != names[0])
+        _raise(ValueError(f"{function}: rank 0 called from thread {names[0]!r}, rank {other} "
+                          f"from thread {names[other]!r}: calls from several threads on one "
+                          "communicator pair up by thread name (or use one communicator "
+                          "per thread, e.g. comm.Dup())"), failure)
+    failed = np.flatnonzero(everyone[:, _STATUS])
+    if failed.size:
+        culprit = int(failed[0])
+        status = int(everyone[culprit, _STATUS])
+        text = ""
+        if failure is not None:
+            text = str(failure) if status <= len(_KINDS) else f"{type(failure).__name__}: {failure}"
+        text = _broadcast_text(comm, text, culprit)
+        if comm.rank == culprit:
+            if status <= len(_KINDS):
+                raise _KINDS[status - 1](f"rank {culprit}: {text}") from failure
+            raise failure
+        kind = _KINDS[status - 1] if status <= len(_KINDS) else RuntimeError
+        raise kind(f"rank {culprit}: {text}" if status <= len(_KINDS) else
+                   f"{function} failed on rank {culprit}: {text}")
+    settings_hashes = everyone[:, _SETTINGS:_SETTINGS + len(agree_on)]
+    differs = np.flatnonzero(np.any(settings_hashes != settings_hashes[0], axis=0))
     if differs.size:
-        name = agree[int(differs[0])]
+        name = agree_on[int(differs[0])]
         values = _gather_text(comm, repr(settings[name]))
         other = next(r for r, value in enumerate(values) if value != values[0])
-        raise ValueError(f"{name} differs across ranks: rank 0 has {values[0]}, "
+        raise ValueError(f"{function}: {name} differs across ranks: rank 0 has {values[0]}, "
                          f"rank {other} has {values[other]}; it must be the same on every rank")
-    return settings
+    shared = {name: everyone[:, _SHARED + i].copy() for i, name in enumerate(share)}
+    return Agreement(settings, resources, shared)
+
+
+def _raise(error: Exception, failure: BaseException | None):
+    if failure is not None and not isinstance(failure, Exception):
+        raise failure  # KeyboardInterrupt and the like stay what they are on their rank
+    raise error
 
 
 def _fingerprint(value: object) -> int:
     digest = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & _HASH_MASK
+    return (int.from_bytes(digest, "little") & _HASH_MASK) | 1  # never 0: 0 is "unset"
 
 
 def _broadcast_text(comm: MPI.Comm, text: str, root: int) -> str:
@@ -113,17 +176,19 @@ def _gather_text(comm: MPI.Comm, text: str) -> list[str]:
 
 ATTENTION_SETTINGS = ("array type", "dtype", "batch", "heads of q", "heads of k/v",
                       "head_dim", "causal", "softmax_scale", "layout", "transport",
-                      "q length", "k length")
+                      "window", "seqlens", "check_finite")
 
 
 def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
-                           layout="contiguous", transport=None, comm=None) -> dict:
+                           layout="contiguous", transport=None, comm=None, window=None,
+                           seqlens=None, check_finite=False) -> dict:
     """Local checks of attention arguments; returns the settings ranks must share.
 
     ``transport`` (with the ``comm`` it runs on) is checked where given.
     Raises TypeError or ValueError that names the argument at fault.
     """
     from ._arrays import array_module, dtype_name, is_supported_dtype
+    from .masks import check_mask_arguments
 
     arrays = {"q": q, "k": k, "v": v}
     for name, x in arrays.items():
@@ -135,7 +200,8 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
     for name, x in arrays.items():
         if type(x) is not type(q):
             raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} but q is a "
-                            f"{type(q).__module__}.{type(q).__name__}: pass all NumPy or all CuPy arrays")
+                            f"{type(q).__module__}.{type(q).__name__}: pass all NumPy or all "
+                            "CuPy arrays")
         if x.ndim not in (3, 4):
             raise ValueError(f"{name} must have 4 dimensions (batch, seq, heads, head_dim) "
                              f"or 3 (seq, heads, head_dim), got shape {x.shape}")
@@ -162,13 +228,18 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
         raise ValueError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hk})")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float, np.floating))
-                                          and np.isfinite(softmax_scale) and softmax_scale > 0):
+    if not isinstance(check_finite, (bool, np.bool_)):
+        raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+    if softmax_scale is not None and not (
+            isinstance(softmax_scale, (int, float, np.floating))
+            and not isinstance(softmax_scale, (bool, np.bool_))
+            and np.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a finite number > 0 or None, "
                          f"got {softmax_scale!r}")
     if type(q).__module__.startswith("cupy") and dtype_name(q.dtype) == "float64":
         raise TypeError("q: float64 runs on the CPU only; on the GPU use float32, "
                         "float16 or bfloat16")
+    window, seqlens = check_mask_arguments(window, seqlens)
     if transport is not None:
         from .transport import check_transport
 
@@ -177,5 +248,6 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
             "batch": q.shape[0] if q.ndim == 4 else 1, "heads of q": hq, "heads of k/v": hk,
             "head_dim": q.shape[-1], "causal": bool(causal),
             "softmax_scale": None if softmax_scale is None else float(softmax_scale),
-            "layout": layout, "transport": transport,
+            "layout": layout, "transport": transport, "window": window, "seqlens": seqlens,
+            "check_finite": bool(check_finite),
             "q length": q.shape[-3], "k length": k.shape[-3]}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import seqpar
-from seqpar.layout import local_segments
+from seqpar.layout import segments, split_lengths
 
 from conftest import random_array, same_on_every_rank
 
@@ -53,8 +53,9 @@ def test_zigzag_placement(comm, rng):
                  np.arange((2 * p - 1 - r) * half, (2 * p - r) * half)]
     assert np.array_equal(ids, want)
     assert sorted(np.concatenate(comm.allgather(ids)).tolist()) == list(range(2 * p * half))
-    assert local_segments("zigzag", r, p, 2 * half) == [(r * half, half),
-                                                         ((2 * p - 1 - r) * half, half)]
+    assert segments("zigzag", [2 * half] * p, r) == [(r * half, half),
+                                                     ((2 * p - 1 - r) * half, half)]
+    assert np.array_equal(seqpar.local_indices(2 * p * half, comm, layout="zigzag"), want)
 
 
 def test_gather_of_distinct_slices(comm, rng):
@@ -64,7 +65,7 @@ def test_gather_of_distinct_slices(comm, rng):
         whole = seqpar.gather(local, comm, layout=layout)
         slices = comm.allgather(local)
         for r, theirs in enumerate(slices):
-            for (start, n), offset in zip(local_segments(layout, r, comm.size, 4), (0, 2)):
+            for (start, n), offset in zip(segments(layout, [4] * comm.size, r), (0, 2)):
                 got = whole[:, start:start + n]
                 want = theirs[:, offset:offset + n] if layout == "zigzag" else theirs
                 assert np.array_equal(got, want)
@@ -77,3 +78,23 @@ def test_shard_gather_and_shard_again(comm, rng, layout):
     again = seqpar.shard(seqpar.gather(mine, comm, layout=layout, axis=0), comm,
                          layout=layout, axis=0)
     assert np.array_equal(mine, again)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 13])
+def test_uneven_contiguous_shards(comm, rng, n):
+    """Lengths that do not divide: split as evenly as possible, or as given; round trip."""
+    x = random_array(rng, (2, n, 3), "float64") if n else np.zeros((2, 0, 3))
+    lengths = split_lengths(n, comm.size)
+    assert sum(lengths) == n and max(lengths) - min(lengths) <= 1
+    mine = seqpar.shard(x, comm)
+    idx = seqpar.local_indices(n, comm)
+    assert mine.shape[1] == lengths[comm.rank] == idx.size
+    assert np.array_equal(mine, x[:, idx])
+    assert np.array_equal(seqpar.gather(mine, comm), x)
+    # explicit lengths: everything on the last rank
+    given = [0] * (comm.size - 1) + [n]
+    mine = seqpar.shard(x, comm, lengths=given)
+    assert mine.shape[1] == given[comm.rank]
+    assert np.array_equal(seqpar.local_indices(n, comm, lengths=given),
+                          np.arange(n) if comm.rank == comm.size - 1 else np.arange(0))
+    assert np.array_equal(seqpar.gather(mine, comm), x)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import seqpar
 from seqpar.local import numpy_kernel
+from seqpar.masks import Mask
 
 from conftest import (DTYPES, as_dtype, check_attention, check_lse, check_rounded_once,
                       random_qkv)
@@ -78,24 +79,36 @@ def test_strided_views(rng):
 
 # ---------------------------------------------------------------- the kernel directly
 
+CAUSAL = Mask(causal=True)
+
+
+def _mask(causal):
+    return CAUSAL if causal else None
+
+
+def _public(lse, q):
+    """The kernel carries lse in float64; users get float32 for inputs other than float64."""
+    return lse.astype(np.float64 if q.dtype == np.float64 else np.float32)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
 def test_fully_masked_rows(rng, dtype):
     """q_offset < k_offset: the first rows see no key: out 0, lse -inf, no NaN."""
     q, k, v = random_qkv(rng, dtype, b=2, sq=20, sk=15, hq=4, hk=2, d=8)
     q_off, k_off = 3, 10  # rows 0..6 see nothing; row i sees keys 0..i-7
     with np.errstate(all="raise"):
-        out, lse = numpy_kernel.forward(q, k, v, scale=0.4, causal=True,
+        out, lse = numpy_kernel.forward(q, k, v, scale=0.4, mask=CAUSAL,
                                         q_offset=q_off, k_offset=k_off)
     qpos, kpos = q_off + np.arange(20), k_off + np.arange(15)
     assert np.all(out[:, :7] == 0) and np.all(lse[:, :, :7] == -np.inf)
     assert np.isfinite(lse[:, :, 7:]).all()
-    check_attention(out, q, k, v, causal=True, softmax_scale=0.4, lse=lse,
+    check_attention(out, q, k, v, causal=True, softmax_scale=0.4, lse=_public(lse, q),
                     q_positions=qpos, k_positions=kpos)
 
 
 def test_every_row_masked(rng):
     q, k, v = random_qkv(rng, "float32", sq=6, sk=6)
-    out, lse = numpy_kernel.forward(q, k, v, scale=0.25, causal=True, q_offset=0, k_offset=6)
+    out, lse = numpy_kernel.forward(q, k, v, scale=0.25, mask=CAUSAL, q_offset=0, k_offset=6)
     assert np.all(out == 0) and not np.isnan(out).any()
     assert np.all(lse == -np.inf)
 
@@ -109,10 +122,10 @@ def test_multi_tile(monkeypatch, rng, dtype, causal, group):
     monkeypatch.setattr(numpy_kernel, "_TILE_KEYS", 5)
     q, k, v = random_qkv(rng, dtype, b=2, sq=23, sk=31, hq=2 * group, hk=2, d=8)
     q_off, k_off = (12, 3) if causal else (0, 0)  # some leading rows see nothing
-    out, lse = numpy_kernel.forward(q, k, v, scale=0.35, causal=causal,
+    out, lse = numpy_kernel.forward(q, k, v, scale=0.35, mask=_mask(causal),
                                     q_offset=q_off, k_offset=k_off)
     qpos, kpos = q_off + np.arange(23), k_off + np.arange(31)
-    check_attention(out, q, k, v, causal=causal, softmax_scale=0.35, lse=lse,
+    check_attention(out, q, k, v, causal=causal, softmax_scale=0.35, lse=_public(lse, q),
                     q_positions=qpos, k_positions=kpos)
 
 
@@ -126,12 +139,13 @@ def test_accumulate(rng, dtype, causal):
     q_off = 9  # rows 0..8 see keys 0..9+i; the last block is partly hidden
     bounds = [(20, 29), (0, 7), (7, 20)]
     out = np.empty(q.shape, dtype=acc)
-    lse = np.empty((2, 4, sq), dtype=acc)
+    lse = np.empty((2, 4, sq), dtype=np.float64)  # the carry is float64
     for i, (lo, hi) in enumerate(bounds):
-        numpy_kernel.forward(q, k[:, lo:hi], v[:, lo:hi], scale=0.3, causal=causal,
+        numpy_kernel.forward(q, k[:, lo:hi], v[:, lo:hi], scale=0.3, mask=_mask(causal),
                              q_offset=q_off, k_offset=lo, out=out, lse=lse, accumulate=i > 0)
     qpos, kpos = q_off + np.arange(sq), np.arange(sk)
-    check_attention(out.astype(q.dtype), q, k, v, causal=causal, softmax_scale=0.3, lse=lse,
+    check_attention(out.astype(q.dtype), q, k, v, causal=causal, softmax_scale=0.3,
+                    lse=lse.astype(acc),
                     q_positions=qpos, k_positions=kpos)
     ref, _ = reference_attention(q, k, v, causal=causal, softmax_scale=0.3,
                                  q_positions=qpos, k_positions=kpos)
@@ -141,10 +155,10 @@ def test_accumulate(rng, dtype, causal):
 
 def test_accumulate_hidden_block_changes_nothing(rng):
     q, k, v = random_qkv(rng, "float32", sq=10, sk=16)
-    out, lse = numpy_kernel.forward(q, k[:, :8], v[:, :8], scale=0.3, causal=True,
+    out, lse = numpy_kernel.forward(q, k[:, :8], v[:, :8], scale=0.3, mask=CAUSAL,
                                     q_offset=20, k_offset=0, out=np.empty(q.shape, np.float32))
     before = out.copy(), lse.copy()
-    numpy_kernel.forward(q, k[:, 8:], v[:, 8:], scale=0.3, causal=True, q_offset=20,
+    numpy_kernel.forward(q, k[:, 8:], v[:, 8:], scale=0.3, mask=CAUSAL, q_offset=20,
                          k_offset=100, out=out, lse=lse, accumulate=True)
     assert np.array_equal(out, before[0]) and np.array_equal(lse, before[1])
 
@@ -152,13 +166,13 @@ def test_accumulate_hidden_block_changes_nothing(rng):
 def test_accumulate_into_dead_rows(rng):
     """Rows with lse -inf so far take the new block's result exactly."""
     q, k, v = random_qkv(rng, "float64", sq=8, sk=12)
-    out, lse = numpy_kernel.forward(q, k[:, :6], v[:, :6], scale=0.3, causal=True,
+    out, lse = numpy_kernel.forward(q, k[:, :6], v[:, :6], scale=0.3, mask=CAUSAL,
                                     q_offset=0, k_offset=4)  # rows 0..3 dead
     assert np.all(lse[:, :, :4] == -np.inf)
-    numpy_kernel.forward(q, k[:, 6:], v[:, 6:], scale=0.3, causal=False, out=out, lse=lse,
+    numpy_kernel.forward(q, k[:, 6:], v[:, 6:], scale=0.3, out=out, lse=lse,
                          accumulate=True)
     kpos = np.r_[4 + np.arange(6), np.full(6, -1)]  # second block: visible to all
-    check_attention(out, q, k, v, causal=True, softmax_scale=0.3, lse=lse,
+    check_attention(out, q, k, v, causal=True, softmax_scale=0.3, lse=_public(lse, q),
                     q_positions=np.arange(8), k_positions=kpos)
 
 

@@ -18,24 +18,61 @@ def _block(rank, shape, dtype):
     return np.random.default_rng(1000 + rank).standard_normal(shape).astype(dtype)
 
 
+def _host_transport(comm):
+    from seqpar import comms
+
+    return get_transport(comms.context_of(comm), np.empty(1), "host")
+
+
 @pytest.mark.parametrize("shape, dtype", [((2, 3, 5, 7), np.float32), ((1, 1001), np.float64),
                                           ((2, 0, 4), np.float32)])
-def test_ring_exchange_moves_every_block(comm, shape, dtype):
-    mover = get_transport(comm, np.empty(1), "host")
-    with mover.ring(_block(comm.rank, shape, dtype)) as ring:
-        for step in range(comm.size):
-            if step + 1 < comm.size:
-                ring.start()
-            source = (comm.rank - step) % comm.size
-            assert np.array_equal(ring.current, _block(source, shape, dtype)), f"step {step}"
-            if step + 1 < comm.size:
-                ring.wait()
-    assert len(ring.exposed_seconds()) == comm.size - 1
-    assert all(t >= 0 for t in ring.exposed_seconds())
+def test_exchange_moves_every_block(comm, shape, dtype):
+    """Every shift, two arrays a step, into buffers the exchange owns; uneven sizes."""
+    mover = _host_transport(comm)
+    size, rank = comm.size, comm.rank
+
+    def arrays(r):  # rank r's arrays: their length depends on r (uneven shards)
+        first = (shape[0] + r % 2,) + shape[1:]
+        return [_block(r, first, dtype), _block(50 + r, first, dtype)]
+
+    capacity = max(a.size for r in range(size) for a in arrays(r)) or 1
+    buffers = [[np.empty(capacity, dtype) for _ in range(2)] for _ in range(2)]
+    mine = arrays(rank)
+    seen = []
+    with mover.exchange(buffers) as exchange:
+        for shift in range(1, size):
+            source, dest = (rank - shift) % size, (rank + shift) % size
+            exchange.start(mine, dest, source, [a.shape for a in arrays(source)], tag=shift)
+            received = exchange.wait()
+            for got, want in zip(received, arrays(source)):
+                assert np.array_equal(got, want), f"shift {shift}"
+                assert not np.shares_memory(got, want)
+            seen.append(source)
+    assert sorted(seen) == sorted(r for r in range(size) if r != rank)
+    assert len(exchange.exposed_seconds()) == size - 1
+    assert all(t >= 0 for t in exchange.exposed_seconds())
+
+
+def test_exchange_one_sided_steps(comm):
+    """A step may only send or only receive (the mask keeps some pairs apart)."""
+    mover = _host_transport(comm)
+    size, rank = comm.size, comm.rank
+    buffers = [[np.empty(6)] for _ in range(2)]
+    with mover.exchange(buffers) as exchange:
+        # rank r sends to r+1 only when r is even; r+1 receives only then
+        sender = (rank - 1) % size
+        dest = (rank + 1) % size if rank % 2 == 0 and size > 1 else None
+        source = sender if sender % 2 == 0 and size > 1 else None
+        exchange.start([_block(rank, (6,), np.float64)], dest, source, [(6,)], tag=1)
+        received = exchange.wait()
+    if source is None:
+        assert received == []
+    else:
+        assert np.array_equal(received[0], _block(source, (6,), np.float64))
 
 
 def test_allreduce_and_alltoall(comm, rng):
-    mover = get_transport(comm, np.empty(1))
+    mover = _host_transport(comm)
     mine = _block(comm.rank, (3, 4), np.float64)
     everyone = [_block(r, (3, 4), np.float64) for r in range(comm.size)]
     total = mine.copy()
@@ -50,6 +87,17 @@ def test_allreduce_and_alltoall(comm, rng):
     mover.alltoall(send, recv)
     for p in range(comm.size):
         assert np.array_equal(recv[p], _block(100 * p + comm.rank, (2, 3), np.float32))
+    # uneven parts: rank r sends r + p + 1 values to rank p
+    parts = [_block(7 * comm.rank + p, (comm.rank + p + 1,), np.float64) for p in range(comm.size)]
+    send = np.concatenate(parts)
+    recv = np.empty(sum(p + comm.rank + 1 for p in range(comm.size)))
+    mover.alltoall(send, recv, [x.nbytes for x in parts],
+                   [8 * (p + comm.rank + 1) for p in range(comm.size)])
+    offset = 0
+    for p in range(comm.size):
+        n = p + comm.rank + 1
+        assert np.array_equal(recv[offset:offset + n], _block(7 * p + comm.rank, (n,), np.float64))
+        offset += n
 
 
 def test_ring_reports_its_transport(comm, rng):
@@ -60,6 +108,8 @@ def test_ring_reports_its_transport(comm, rng):
                                 transport="host", stats=stats)
     assert stats["transport"] == "host"
     assert stats["bytes_per_step"] == 2 * parts[1].nbytes
+    assert stats["steps"] == comm.size - 1  # causal zigzag: every rank needs every other
+    assert stats["bytes_sent"] == stats["steps"] * stats["bytes_per_step"]
     assert len(stats["exposed_seconds"]) == comm.size - 1
     auto = seqpar.ring_attention(*parts, comm=comm, causal=True, layout="zigzag")
     assert np.array_equal(out, auto)

@@ -1,12 +1,18 @@
-"""What every strategy does first: check, promote 3-D input, resolve the scale."""
+"""What every strategy does around its work: local checks, 3-D input, scale, output."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
+
 from .._arrays import accumulation_dtype, array_module
 from ..local import kernel_for
+from ..merge import CARRY_DTYPE
+
+__all__ = ["Prepared", "prepare", "check_finite_arrays", "check_key_lengths",
+           "public_lse_dtype"]
 
 
 @dataclass(frozen=True)
@@ -23,13 +29,25 @@ class Prepared:
     def accumulator(self):
         return accumulation_dtype(self.q.dtype)
 
+    def new_lse(self, rows: int, fill=-np.inf):
+        batch, _, heads, _ = self.q.shape
+        return self.xp.full((batch, heads, rows), fill, dtype=CARRY_DTYPE)
+
     def finish(self, out, lse, return_lse):
-        """Cast to q's dtype, drop the batch axis of 3-D input, attach lse if asked."""
+        """Cast to q's dtype and lse to its public dtype, drop the batch axis of 3-D
+        input, attach lse if asked."""
         if out.dtype != self.q.dtype:
             out = out.astype(self.q.dtype)
         if self.squeeze:
             out, lse = out[0], lse[0]
-        return (out, lse) if return_lse else out
+        if not return_lse:
+            return out
+        return out, lse.astype(public_lse_dtype(self.q.dtype), copy=False)
+
+
+def public_lse_dtype(dtype) -> np.dtype:
+    """float64 for float64 input, float32 otherwise (DESIGN: lse's dtype)."""
+    return accumulation_dtype(dtype)
 
 
 def prepare(q, k, v, softmax_scale) -> Prepared:
@@ -40,3 +58,40 @@ def prepare(q, k, v, softmax_scale) -> Prepared:
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     xp = array_module(q)
     return Prepared(q, k, v, scale, squeeze, xp, kernel_for(xp))
+
+
+def check_finite_arrays(**arrays) -> None:
+    """Raise ValueError naming the first array that holds NaN or Inf.
+
+    One pass over each array; on the GPU it waits for one boolean per array.
+    """
+    for name, x in arrays.items():
+        if x is None or x.size == 0:
+            continue
+        xp = array_module(x)
+        if not bool(xp.isfinite(x).all()):
+            raise ValueError(f"{name} holds NaN or Inf (check_finite=True)")
+
+
+def check_key_lengths(key_lengths, batch: int, keys: int, xp):
+    """Local check of ``key_lengths=``; returns it as an int array on q's device.
+
+    Host values are checked (0 <= L <= keys); a CuPy array is only checked for shape
+    and dtype (its values would cost a device sync): the kernel clamps them.
+    """
+    if key_lengths is None:
+        return None
+    device_array = xp is not np and isinstance(key_lengths, xp.ndarray)
+    lengths = key_lengths if device_array else np.asarray(key_lengths)
+    if lengths.ndim != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"key_lengths must have shape ({batch},) (one per batch row), "
+                         f"got {tuple(lengths.shape)}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise TypeError(f"key_lengths must hold integers, got dtype {lengths.dtype}")
+    if not device_array:
+        if lengths.size and (lengths.min() < 0 or lengths.max() > keys):
+            raise ValueError(f"key_lengths must lie in [0, {keys}] (this rank's keys), "
+                             f"got {lengths.tolist()}")
+        return np.ascontiguousarray(lengths, dtype=np.int32) if xp is np else \
+            xp.asarray(lengths, dtype=np.int32)
+    return xp.ascontiguousarray(lengths, dtype=np.int32)

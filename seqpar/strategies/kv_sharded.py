@@ -3,23 +3,27 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import comms
+from ..merge import CARRY_DTYPE
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, check_attention_inputs, resolve_comm, validate
-from ._prepare import prepare
+from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
+from ._prepare import check_finite_arrays, check_key_lengths, prepare
 
 __all__ = ["kv_sharded_attention"]
 
 # the key length may differ across ranks (an empty slice is fine); all else must agree
-_AGREE = tuple(name for name in ATTENTION_SETTINGS if name != "k length")
+_AGREE = tuple(name for name in ATTENTION_SETTINGS if name not in ("window", "seqlens"))
 
 
 def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = None,
-                         return_lse: bool = False, transport: str = "auto"):
+                         return_lse: bool = False, transport: str = "auto",
+                         key_lengths=None, check_finite: bool = False):
     """Attention of the same queries on every rank over K/V split across the ranks.
 
     The shape of decoding: each rank attends its queries to its own K/V slice,
-    then an Allreduce(MAX) of the log-sum-exp and an Allreduce(SUM) of the
-    rescaled numerators and denominators merge the slices exactly.
+    then an Allreduce(MAX) of the float64 log-sum-exp and an Allreduce(SUM) of the
+    rescaled numerators and denominators merge the slices exactly (weights in
+    [0, 1]: the result is a convex combination of the slices' outputs).
 
     Parameters
     ----------
@@ -27,7 +31,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         The same queries on every rank (only their shape is checked).
     k, v : shape (B, Sk, Hk, D) or (Sk, Hk, D)
         This rank's slice of keys and values; Sk may differ across ranks and may
-        be 0. Hq must be a multiple of Hk.
+        be 0. Hq must be a multiple of Hk. Any memory layout; never written.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
     softmax_scale : float, optional
@@ -36,35 +40,61 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         Also return lse, shape (B, Hq, Sq), float32 (float64 for float64 input).
     transport : {"auto", "host", "nccl", "cuda-aware", "staged"}
         How data moves between ranks (see :func:`seqpar.ring_attention`).
+    key_lengths : int array of shape (B,), optional
+        Valid keys of each batch row in THIS rank's slice (a preallocated cache):
+        keys at index >= key_lengths[b] are ignored; 0 allowed.
+    check_finite : bool
+        Raise ValueError on every rank if any rank's q, k or v holds NaN or Inf.
 
     Returns
     -------
     out : array of q's type, shape and dtype, the same on every rank;
         (out, lse) when ``return_lse``.
     """
-    comm = resolve_comm(comm)
-    validate(comm, lambda: check_attention_inputs(q, k, v, softmax_scale=softmax_scale,
-                                                  transport=transport, comm=comm), _AGREE)
-    p = prepare(q, k, v, softmax_scale)
-    xp, acc = p.xp, p.accumulator
-    mover = get_transport(comm, p.q, transport)
-    out = xp.empty(p.q.shape, dtype=acc)
-    out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=out)
+    with comms.call(comm, "kv_sharded_attention") as context:
+        comm = context.comm
 
-    global_max = lse.copy()
-    mover.allreduce(global_max, "max")
-    batch, sq, hq, d = out.shape
-    # one buffer, one Allreduce: rescaled numerators (B, Sq, Hq, D), then denominators
-    sums = xp.empty(out.size + lse.size, dtype=acc)
-    numerators = sums[:out.size].reshape(out.shape)
-    denominators = sums[out.size:].reshape(lse.shape)
-    finite_max = xp.where(global_max == -np.inf, 0, global_max)
-    xp.exp(lse - finite_max, out=denominators)  # 0 for a rank that saw no key
-    xp.multiply(out, denominators.transpose(0, 2, 1)[..., None], out=numerators)
-    mover.allreduce(sums, "sum")
+        def check():
+            settings = check_attention_inputs(q, k, v, softmax_scale=softmax_scale,
+                                              transport=transport, comm=context,
+                                              check_finite=check_finite)
+            p = prepare(q, k, v, softmax_scale)
+            settings["key_lengths"] = check_key_lengths(key_lengths, p.q.shape[0],
+                                                        p.k.shape[1], p.xp)
+            if check_finite:
+                check_finite_arrays(q=q, k=k, v=v)
+            return settings
 
-    seen = denominators > 0
-    safe = xp.where(seen, denominators, 1)
-    xp.divide(numerators, safe.transpose(0, 2, 1)[..., None], out=out)
-    lse = xp.where(seen, finite_max + xp.log(safe), -np.inf).astype(acc)
-    return p.finish(out, lse, return_lse)
+        def acquire(settings):
+            p = prepare(q, k, v, softmax_scale)
+            # one buffer for one Allreduce: numerators (B, Sq, Hq, D), then denominators
+            sums = p.xp.empty(int(np.prod(p.q.shape)) + p.q.shape[0] * p.q.shape[2]
+                              * p.q.shape[1], dtype=p.accumulator)
+            return p, sums
+
+        agreement = agree(comm, "kv_sharded_attention", check, _AGREE, acquire)
+        p, sums = agreement.resources
+        xp, acc = p.xp, p.accumulator
+        mover = get_transport(context, p.q, transport)
+        with comms.communicating():
+            comms.progress("local attention")
+            numerators = sums[:p.q.size].reshape(p.q.shape)
+            out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=numerators,
+                                        key_lengths=agreement.settings["key_lengths"])
+            comms.progress("Allreduce of the largest lse", "every rank")
+            global_max = lse.copy()
+            mover.allreduce(global_max, "max")
+            finite_max = xp.where(global_max == -np.inf, 0, global_max)
+            denominators = sums[p.q.size:].reshape(lse.shape)
+            # weights exp(lse - max) in [0, 1], formed in float64; 0 where a rank saw no key
+            weights = xp.exp(lse - finite_max)
+            denominators[...] = weights
+            numerators *= weights.astype(acc).transpose(0, 2, 1)[..., None]
+            comms.progress("Allreduce of numerators and denominators", "every rank")
+            mover.allreduce(sums, "sum")
+        seen = denominators > 0
+        safe = xp.where(seen, denominators, 1)
+        out = numerators / safe.transpose(0, 2, 1)[..., None]
+        with np.errstate(divide="ignore"):
+            lse = xp.where(seen, finite_max + xp.log(safe.astype(CARRY_DTYPE)), -np.inf)
+        return p.finish(out, lse, return_lse)

@@ -1,28 +1,46 @@
 """Attention on one rank (no communication)."""
 from __future__ import annotations
 
+import numpy as np
+
+from ..masks import Mask
 from ..validation import check_attention_inputs
-from ._prepare import prepare
+from ._prepare import check_finite_arrays, check_key_lengths, prepare
 
 __all__ = ["attention"]
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-              return_lse: bool = False):
+              return_lse: bool = False, window=None, seqlens=None, key_lengths=None,
+              q_offset: int = 0, check_finite: bool = False):
     """Exact softmax attention on this process's device, fused and tiled.
 
     Parameters
     ----------
     q : numpy.ndarray or cupy.ndarray, shape (B, Sq, Hq, D) or (Sq, Hq, D)
     k, v : same type and dtype as q, shape (B, Sk, Hk, D) or (Sk, Hk, D)
-        Hq must be a multiple of Hk (grouped-query attention).
-        dtypes: float16, bfloat16 (``ml_dtypes.bfloat16``), float32, float64.
+        Hq must be a multiple of Hk (grouped-query attention). Any memory layout;
+        never written. dtypes: float16, bfloat16 (``ml_dtypes.bfloat16``),
+        float32, float64 (CPU only).
     causal : bool
-        Hide key j from query i when j > i (positions 0..S-1 on both sides).
+        Hide key j from query i when j > i.
     softmax_scale : float, optional
         Defaults to 1 / sqrt(D).
     return_lse : bool
         Also return the log-sum-exp of each row's scaled scores.
+    window : (left, right), optional
+        Query i sees key j only if i - left <= j <= i + right (``None``: unbounded).
+    seqlens : sequence of int, optional
+        Lengths of documents packed one after another; a query sees only keys of
+        its own document. Positions are those of the keys (0..Sk-1).
+    key_lengths : int array of shape (B,), optional
+        Number of valid keys of each batch row (a preallocated cache); keys at
+        index >= key_lengths[b] are ignored; 0 is allowed.
+    q_offset : int
+        Position of the first query (keys are at 0..Sk-1); for decoding with
+        ``causal``, the position of the new tokens, e.g. ``cache_length - Sq``.
+    check_finite : bool
+        Raise ValueError if q, k or v holds NaN or Inf (one pass over the inputs).
 
     Returns
     -------
@@ -30,7 +48,19 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     lse : array, shape (B, Hq, Sq) (or (Hq, Sq)), float32 (float64 for float64 input)
         Only when ``return_lse``. A row with no visible key has out 0 and lse -inf.
     """
-    check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                      window=window, seqlens=seqlens, check_finite=check_finite)
+    if isinstance(q_offset, (bool, np.bool_)) or not isinstance(q_offset, (int, np.integer)):
+        raise TypeError(f"q_offset must be an int, got {q_offset!r}")
+    if seqlens is not None and sum(settings["seqlens"]) != max(settings["k length"],
+                                                               q_offset + settings["q length"]):
+        raise ValueError(f"seqlens sum to {sum(settings['seqlens'])}, but the sequence has "
+                         f"{max(settings['k length'], q_offset + settings['q length'])} tokens")
     p = prepare(q, k, v, softmax_scale)
-    out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, causal=causal)
+    lengths = check_key_lengths(key_lengths, p.q.shape[0], p.k.shape[1], p.xp)
+    if check_finite:
+        check_finite_arrays(q=q, k=k, v=v)
+    mask = Mask.build(causal, settings["window"], settings["seqlens"])
+    out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, mask=mask, q_offset=int(q_offset),
+                                key_lengths=lengths)
     return p.finish(out, lse, return_lse)

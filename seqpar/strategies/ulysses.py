@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..layout import LAYOUTS, local_segments
+from .. import comms
+from ..layout import LAYOUTS, segments
+from ..masks import Mask
+from ..merge import CARRY_DTYPE
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, check_attention_inputs, resolve_comm, validate
+from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
 from ._plan import plan_blocks
-from ._prepare import prepare
+from ._prepare import check_finite_arrays, prepare
 
 __all__ = ["ulysses_attention"]
 
 
 def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
                       softmax_scale: float | None = None, layout: str = "contiguous",
-                      return_lse: bool = False, transport: str = "auto"):
+                      return_lse: bool = False, transport: str = "auto", window=None,
+                      seqlens=None, check_finite: bool = False):
     """Exact attention by head parallelism: every head still sees every token.
 
     An all-to-all turns "S/P tokens, all heads" into "all tokens, H/P heads" on each
@@ -24,9 +28,10 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
     Parameters
     ----------
     q : numpy.ndarray or cupy.ndarray, shape (B, S, Hq, D) or (S, Hq, D)
-        This rank's queries; S is the same on every rank.
+        This rank's queries. With ``layout="contiguous"`` S may differ across ranks.
     k, v : shape (B, S, Hk, D) or (S, Hk, D)
-        Hq and Hk must both be multiples of the number of ranks P, and Hq of Hk.
+        As many tokens as q on this rank. Hq and Hk must both be multiples of the
+        number of ranks P, and Hq of Hk. Any memory layout; never written.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
     causal : bool
@@ -39,70 +44,105 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
         Also return lse, shape (B, Hq, S), float32 (float64 for float64 input).
     transport : {"auto", "host", "nccl", "cuda-aware", "staged"}
         How data moves between ranks (see :func:`seqpar.ring_attention`).
+    window, seqlens : optional
+        Sliding window and packed documents by global position (see
+        :func:`seqpar.ring_attention`).
+    check_finite : bool
+        Raise ValueError on every rank if any rank's q, k or v holds NaN or Inf.
 
     Returns
     -------
     out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
-    comm = resolve_comm(comm)
-    size = comm.size
+    with comms.call(comm, "ulysses_attention") as context:
+        comm = context.comm
+        size = comm.size
 
-    def check():
-        settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                          layout=layout, transport=transport, comm=comm)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if settings["q length"] != settings["k length"]:
-            raise ValueError(f"q length {settings['q length']} and k length "
-                             f"{settings['k length']} differ")
-        if layout == "zigzag" and settings["q length"] % 2:
-            raise ValueError(f"zigzag layout needs an even local length, got {settings['q length']}")
-        for name in ("heads of q", "heads of k/v"):
-            if settings[name] % size:
-                raise ValueError(f"{name} ({settings[name]}) must be a multiple of the "
-                                 f"number of ranks ({size}) for Ulysses attention")
-        return settings
+        def check():
+            settings = check_attention_inputs(q, k, v, causal=causal,
+                                              softmax_scale=softmax_scale, layout=layout,
+                                              transport=transport, comm=context, window=window,
+                                              seqlens=seqlens, check_finite=check_finite)
+            if layout not in LAYOUTS:
+                raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+            if settings["q length"] != settings["k length"]:
+                raise ValueError(f"q length {settings['q length']} and k length "
+                                 f"{settings['k length']} differ")
+            if layout == "zigzag" and settings["q length"] % 2:
+                raise ValueError(f"zigzag layout needs an even local length, got "
+                                 f"{settings['q length']}")
+            for name in ("heads of q", "heads of k/v"):
+                if settings[name] % size:
+                    raise ValueError(f"{name} ({settings[name]}) must be a multiple of the "
+                                     f"number of ranks ({size}) for Ulysses attention")
+            if check_finite:
+                check_finite_arrays(q=q, k=k, v=v)
+            return settings
 
-    validate(comm, check, ATTENTION_SETTINGS)
-    p = prepare(q, k, v, softmax_scale)
-    xp, acc = p.xp, p.accumulator
-    batch, s, hq, d = p.q.shape
-    mover = get_transport(comm, p.q, transport)
-    q_all, k_all, v_all = (_to_head_shards(xp, mover, x) for x in (p.q, p.k, p.v))
+        agreement = agree(comm, "ulysses_attention", check, ATTENTION_SETTINGS,
+                          lambda _: prepare(q, k, v, softmax_scale), share=("q length",))
+        p = agreement.resources
+        lengths = agreement.shared["q length"].tolist()
+        if layout == "zigzag" and len(set(lengths)) != 1:
+            raise ValueError(f"zigzag layout needs the same length on every rank, got {lengths}")
+        settings = agreement.settings
+        if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(lengths):
+            raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
+                             f"sequence has {sum(lengths)} tokens")
+        mask = Mask.build(causal, settings["window"], settings["seqlens"])
+        xp, acc = p.xp, p.accumulator
+        mover = get_transport(context, p.q, transport)
+        with comms.communicating():
+            comms.progress("all-to-all of q, k, v", "every rank")
+            q_all, k_all, v_all = (_to_head_shards(xp, mover, x, lengths) for x in (p.q, p.k, p.v))
+            gathered = [run for source in range(size) for run in segments(layout, lengths, source)]
+            batch, _, hq, _ = p.q.shape
+            out = xp.zeros(q_all.shape, dtype=acc)
+            lse = xp.full((batch, hq // size, sum(lengths)), -np.inf, dtype=CARRY_DTYPE)
+            comms.progress("local attention")
+            for block in plan_blocks(gathered, gathered, mask):
+                p.kernel.forward(q_all[:, block.q_rows], k_all[:, block.k_rows],
+                                 v_all[:, block.k_rows], scale=p.scale,
+                                 mask=mask if block.masked else None,
+                                 q_offset=block.q_offset, k_offset=block.k_offset,
+                                 out=out[:, block.q_rows], lse=lse[:, :, block.q_rows],
+                                 accumulate=True)
+            comms.progress("all-to-all of the output", "every rank")
+            out = _to_sequence_shards(xp, mover, out, lengths)
+            if return_lse:  # (B, H/P, N) -> (B, N, H/P, 1) to reuse the same exchange
+                lse = _to_sequence_shards(xp, mover, xp.ascontiguousarray(
+                    lse.transpose(0, 2, 1))[..., None], lengths)[..., 0]
+                lse = xp.ascontiguousarray(lse.transpose(0, 2, 1))
+        return p.finish(out, lse, return_lse)
 
-    segments = []  # global positions of the gathered tokens: source ranks in order
-    for source in range(size):
-        segments += local_segments(layout, source, size, s)
-    out = xp.zeros(q_all.shape, dtype=acc)
-    lse = xp.full((batch, hq // size, size * s), -np.inf, dtype=acc)
-    for block in plan_blocks(segments, segments, causal):
-        p.kernel.forward(q_all[:, block.q_rows], k_all[:, block.k_rows], v_all[:, block.k_rows],
-                         scale=p.scale, causal=block.causal, q_offset=block.q_offset,
-                         k_offset=block.k_offset, out=out[:, block.q_rows],
-                         lse=lse[:, :, block.q_rows], accumulate=True)
-    out = _to_sequence_shards(xp, mover, out)
-    if return_lse:  # (B, H/P, P*S) -> (B, S*P, H/P, 1) to reuse the same exchange
-        lse = _to_sequence_shards(xp, mover, lse.transpose(0, 2, 1)[..., None])[..., 0]
-        lse = xp.ascontiguousarray(lse.transpose(0, 2, 1))
-    return p.finish(out, lse, return_lse)
 
-
-def _to_head_shards(xp, mover, x):
-    """(B, S, H, D) sequence shard -> (B, P*S, H/P, D) head shard, tokens by source rank."""
-    size = mover.comm.size
+def _to_head_shards(xp, mover, x, lengths):
+    """(B, S_r, H, D) sequence shard -> (B, sum S, H/P, D) head shard, tokens by source."""
+    size = len(lengths)
     batch, s, h, d = x.shape
     send = xp.ascontiguousarray(x.reshape(batch, s, size, h // size, d).transpose(2, 0, 1, 3, 4))
-    recv = xp.empty_like(send)
-    mover.alltoall(send, recv)
-    return xp.ascontiguousarray(recv.transpose(1, 0, 2, 3, 4)).reshape(batch, size * s, h // size, d)
+    per_token = batch * (h // size) * d * x.itemsize
+    recv = xp.empty(sum(lengths) * per_token // x.itemsize, dtype=x.dtype)
+    mover.alltoall(send, recv, [s * per_token] * size, [n * per_token for n in lengths])
+    pieces, offset = [], 0
+    for n in lengths:  # each source's block is (B, S_source, H/P, D)
+        count = n * per_token // x.itemsize
+        pieces.append(recv[offset:offset + count].reshape(batch, n, h // size, d))
+        offset += count
+    return xp.concatenate(pieces, axis=1)
 
 
-def _to_sequence_shards(xp, mover, x):
-    """Inverse of :func:`_to_head_shards`."""
-    size = mover.comm.size
-    batch, n, h_local, d = x.shape
-    s = n // size
-    send = xp.ascontiguousarray(x.reshape(batch, size, s, h_local, d).transpose(1, 0, 2, 3, 4))
-    recv = xp.empty_like(send)
-    mover.alltoall(send, recv)
-    return xp.ascontiguousarray(recv.transpose(1, 2, 0, 3, 4)).reshape(batch, s, size * h_local, d)
+def _to_sequence_shards(xp, mover, x, lengths):
+    """Inverse of :func:`_to_head_shards`: (B, sum S, H/P, D) -> (B, S_r, H, D)."""
+    size = len(lengths)
+    rank = mover.comm.rank
+    batch, _, h_local, d = x.shape
+    starts = [sum(lengths[:r]) for r in range(size)]
+    send = xp.concatenate([xp.ascontiguousarray(x[:, a:a + n]).reshape(-1)
+                           for a, n in zip(starts, lengths)])
+    per_token = batch * h_local * d * x.itemsize
+    mine = lengths[rank]
+    recv = xp.empty((size, batch, mine, h_local, d), dtype=x.dtype)
+    mover.alltoall(send, recv, [n * per_token for n in lengths], [mine * per_token] * size)
+    return xp.ascontiguousarray(recv.transpose(1, 2, 0, 3, 4)).reshape(batch, mine,
+                                                                        size * h_local, d)

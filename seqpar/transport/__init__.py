@@ -1,8 +1,10 @@
 """Moving buffers between ranks; transports know nothing of attention.
 
 Every transport offers the strategies the same three operations:
-``ring(first_block)`` (a :class:`RingExchange`), ``allreduce(buffer, op)`` in
-place with op "sum" or "max", and ``alltoall(send, recv)``.
+``exchange(buffers)`` (an :class:`Exchange`: blocks sent and received step by
+step, overlapped with compute), ``allreduce(buffer, op)`` in place with op "sum"
+or "max", and ``alltoall(send, recv[, send_counts, recv_counts])``. Every buffer
+they touch is C-contiguous and owned by the caller or the exchange.
 
 =============  ==============================================================
 ``"host"``     NumPy arrays through mpi4py (the only one for NumPy arrays)
@@ -24,8 +26,9 @@ memory crashes the job, as MPI itself would).
 
 The first GPU call on a communicator gathers these facts from every rank (one
 small Allgather) and binds the communicator to this rank's device; what it
-builds (NCCL communicator, streams, pinned buffers) is cached on the MPI
-communicator and released when that is freed or the process exits.
+builds (NCCL communicator, streams, pinned buffers) is cached with seqpar's
+private duplicate of the communicator (:mod:`seqpar.comms`) and released when
+the user's communicator is freed or the process exits.
 """
 from __future__ import annotations
 
@@ -37,19 +40,20 @@ import os
 import numpy as np
 from mpi4py import MPI
 
-from ._ring import RingExchange
+from ._exchange import Exchange
 from .mpi import CudaAwareTransport, HostTransport
 
-__all__ = ["TRANSPORTS", "RingExchange", "check_transport", "get_transport", "cuda_aware_mpi"]
+__all__ = ["TRANSPORTS", "Exchange", "check_transport", "get_transport", "cuda_aware_mpi"]
 
 TRANSPORTS = ("auto", "host", "nccl", "cuda-aware", "staged")
 _GPU_TRANSPORTS = ("auto", "nccl", "cuda-aware", "staged")
 
 
-def check_transport(comm: MPI.Comm, name: str, q) -> str:
+def check_transport(context, name: str, q) -> str:
     """Local check of a ``transport=`` argument for arrays like ``q``; returns ``name``.
 
-    Raises ValueError naming the argument; meant to run inside collective validation.
+    ``context`` is the call's :class:`seqpar.comms.CallContext`. Raises ValueError
+    naming the argument; meant to run inside the collective check.
     """
     if name not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {name!r}")
@@ -61,24 +65,23 @@ def check_transport(comm: MPI.Comm, name: str, q) -> str:
     if name == "host":
         raise ValueError("transport 'host' moves NumPy arrays; for CuPy arrays use 'auto', "
                          "'nccl', 'cuda-aware' or 'staged'")
-    context = _cached_context(comm)
-    if context is not None and context.device_id != q.device.id:
+    gpu = context.cache.get("gpu")
+    if gpu is not None and gpu.device_id != q.device.id:
         raise ValueError(f"q is on device {q.device.id}, but this communicator's transport is "
-                         f"bound to device {context.device_id} on this rank: use one GPU per "
+                         f"bound to device {gpu.device_id} on this rank: use one GPU per "
                          "rank per communicator (or a new communicator, e.g. comm.Dup())")
     return name
 
 
-def get_transport(comm: MPI.Comm, q, name: str = "auto"):
-    """The transport for arrays like ``q`` on ``comm``; collective on a
+def get_transport(context, q, name: str = "auto"):
+    """The transport for arrays like ``q`` on the call's communicator; collective on a
     communicator's first GPU call. ``name`` was checked by :func:`check_transport`."""
     if isinstance(q, np.ndarray):
-        return HostTransport(comm)
-    context = _cached_context(comm)
-    if context is None:
-        context = _GpuContext(comm, q.device.id)
-        comm.Set_attr(_keyval(), context)
-    return context.transport(name)
+        return HostTransport(context.comm)
+    gpu = context.cache.get("gpu")
+    if gpu is None:
+        gpu = context.cache["gpu"] = _GpuContext(context.comm, q.device.id)
+    return gpu.transport(name)
 
 
 def cuda_aware_mpi() -> bool:
@@ -157,32 +160,16 @@ class _GpuContext:
             if close is not None:
                 close()
         self._transports.clear()
+        if self in _LIVE:
+            _LIVE.remove(self)
 
 
 _LIVE: list[_GpuContext] = []
-_KEYVAL: int | None = None
-
-
-def _keyval() -> int:
-    global _KEYVAL
-    if _KEYVAL is None:
-        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_on_free)
-    return _KEYVAL
-
-
-def _on_free(comm, keyval, context: _GpuContext) -> None:
-    context.close()
-    if context in _LIVE:
-        _LIVE.remove(context)
-
-
-def _cached_context(comm: MPI.Comm) -> _GpuContext | None:
-    return None if _KEYVAL is None else comm.Get_attr(_KEYVAL)
 
 
 @atexit.register
 def _close_all() -> None:
-    # before MPI finalizes and CuPy unloads; idempotent with _on_free
+    # before MPI finalizes and CuPy unloads; idempotent with the communicator's free
     for context in list(_LIVE):
         context.close()
     _LIVE.clear()

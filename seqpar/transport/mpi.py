@@ -3,14 +3,19 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from mpi4py import MPI
 
-from ._ring import RingExchange
+from ._exchange import Exchange, as_bytes
 
-__all__ = ["HostTransport", "CudaAwareTransport", "MPI_OPS"]
+__all__ = ["HostTransport", "CudaAwareTransport", "MPI_OPS", "alltoallv_bytes"]
 
 MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
+
+
+def alltoallv_bytes(comm: MPI.Comm, send, send_counts, recv, recv_counts) -> None:
+    """Alltoallv of contiguous host buffers, counts in bytes per peer."""
+    comm.Alltoallv([as_bytes(send), (list(send_counts), None), MPI.BYTE],
+                   [as_bytes(recv), (list(recv_counts), None), MPI.BYTE])
 
 
 class HostTransport:
@@ -21,67 +26,84 @@ class HostTransport:
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
 
-    def ring(self, first_block) -> RingExchange:
-        return _MpiRing(self.comm, first_block)
+    def exchange(self, buffers) -> Exchange:
+        return _MpiExchange(self.comm, buffers)
 
     def allreduce(self, buffer, op: str) -> None:
-        """In-place Allreduce; ``op`` is "sum" or "max"."""
+        """In-place Allreduce of a contiguous buffer; ``op`` is "sum" or "max"."""
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI_OPS[op])
 
-    def alltoall(self, send, recv) -> None:
-        """``send[p]`` goes to rank p and ``recv[p]`` comes from it (contiguous, shape (P, ...))."""
-        self.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None) -> None:
+        """``send[p]`` goes to rank p and ``recv[p]`` comes from it (contiguous; equal
+        parts, or the given byte counts per peer)."""
+        if send_counts is None:
+            self.comm.Alltoall([as_bytes(send), MPI.BYTE], [as_bytes(recv), MPI.BYTE])
+        else:
+            alltoallv_bytes(self.comm, send, send_counts, recv, recv_counts)
 
 
 class CudaAwareTransport(HostTransport):
     """CuPy buffers handed straight to an MPI built with CUDA support.
 
     MPI reads device memory from the host's point of view, so each call first
-    waits for the work queued on the current stream to finish (the ring waits on a
-    helper thread, not on the thread that queues kernels).
+    waits for the work queued on the current stream to finish (the exchange waits
+    on a helper thread, not on the thread that queues kernels).
     """
 
     name = "cuda-aware"
 
     def allreduce(self, buffer, op: str) -> None:
         _current_stream().synchronize()
-        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI_OPS[op])
+        super().allreduce(buffer, op)
 
-    def alltoall(self, send, recv) -> None:
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None) -> None:
         _current_stream().synchronize()
-        self.comm.Alltoall([_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE])
+        super().alltoall(send, recv, send_counts, recv_counts)
 
 
-class _MpiRing(RingExchange):
-    """Sendrecv of whole blocks, NumPy or (CUDA-aware MPI) CuPy.
+class _MpiExchange(Exchange):
+    """Sendrecv of whole arrays, NumPy or (CUDA-aware MPI) CuPy.
 
-    Where MPI allows threads (``THREAD_SERIALIZED`` or better) a blocking
-    ``Sendrecv`` runs on a helper thread, so the transfer progresses while the
+    Where MPI allows threads (``THREAD_SERIALIZED`` or better) blocking
+    ``Sendrecv`` calls run on a helper thread, so the transfer progresses while the
     caller computes (MPI progresses non-blocking requests only inside MPI calls);
     otherwise ``Isend``/``Irecv`` are posted and completed in :meth:`wait`.
     """
 
-    def __init__(self, comm: MPI.Comm, first_block):
-        super().__init__(comm, first_block)
+    def __init__(self, comm: MPI.Comm, buffers):
+        super().__init__(comm, buffers)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and comm.size > 1
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="seqpar-ring") if threaded else None
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="seqpar-xchg") if threaded else None
         self._pending = None
         self._requests: list[MPI.Request] = []
 
-    def _start(self, send, recv) -> None:
-        send_buf, recv_buf = [_as_bytes(send), MPI.BYTE], [_as_bytes(recv), MPI.BYTE]
+    def _start(self, sends, recvs, dest, source, tag) -> None:
+        dest = MPI.PROC_NULL if dest is None else dest
+        source = MPI.PROC_NULL if source is None else source
+        pairs = [([as_bytes(s), MPI.BYTE] if s is not None else None,
+                  [as_bytes(r), MPI.BYTE] if r is not None else None)
+                 for s, r in _zip_longest(sends, recvs)]
         if self._worker is not None:
-            self._pending = self._worker.submit(self._sendrecv, send_buf, recv_buf)
-        else:
-            if self._stream is not None:  # MPI reads device memory from the host
-                self._ready.synchronize()
-            self._requests = [self.comm.Irecv(recv_buf, self.prev, 0),
-                              self.comm.Isend(send_buf, self.next, 0)]
+            self._pending = self._worker.submit(self._sendrecv, pairs, dest, source, tag)
+            return
+        if self._stream is not None:  # MPI reads device memory from the host
+            self._ready.synchronize()
+        for send, recv in pairs:
+            if recv is not None:
+                self._requests.append(self.comm.Irecv(recv, source, tag))
+            if send is not None:
+                self._requests.append(self.comm.Isend(send, dest, tag))
 
-    def _sendrecv(self, send_buf, recv_buf) -> None:
+    def _sendrecv(self, pairs, dest, source, tag) -> None:
         if self._stream is not None:
             self._ready.synchronize()
-        self.comm.Sendrecv(send_buf, self.next, 0, recv_buf, self.prev, 0)
+        for send, recv in pairs:
+            if send is not None and recv is not None:
+                self.comm.Sendrecv(send, dest, tag, recv, source, tag)
+            elif send is not None:
+                self.comm.Send(send, dest, tag)
+            else:
+                self.comm.Recv(recv, source, tag)
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -104,12 +126,13 @@ class _MpiRing(RingExchange):
             self._requests = []
 
 
+def _zip_longest(sends, recvs):
+    n = max(len(sends), len(recvs))
+    return [(sends[i] if i < len(sends) else None, recvs[i] if i < len(recvs) else None)
+            for i in range(n)]
+
+
 def _current_stream():
     import cupy
 
     return cupy.cuda.get_current_stream()
-
-
-def _as_bytes(a):
-    return a.reshape(-1).view(np.uint8)
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from mpi4py import MPI
 
-from ._ring import RingExchange
+from ._exchange import Exchange
 
 __all__ = ["NcclTransport"]
 
@@ -42,12 +42,13 @@ class NcclTransport:
         self._lib = nccl
         self._byte = next(getattr(nccl, name) for name in ("NCCL_UINT8", "NCCL_INT8", "NCCL_CHAR")
                           if hasattr(nccl, name))
-        self._types = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
+        self._types = {np.dtype(np.float64): nccl.NCCL_FLOAT64,
+                       np.dtype(np.float32): nccl.NCCL_FLOAT32,
                        np.dtype(np.float16): nccl.NCCL_FLOAT16}
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX}
 
-    def ring(self, first_block) -> RingExchange:
-        return _NcclRing(self, first_block)
+    def exchange(self, buffers) -> Exchange:
+        return _NcclExchange(self, buffers)
 
     def allreduce(self, buffer, op: str) -> None:
         """In place, on the current stream."""
@@ -59,27 +60,40 @@ class NcclTransport:
         self._nccl.allReduce(buffer.data.ptr, buffer.data.ptr, buffer.size, kind, self._ops[op],
                              cupy.cuda.get_current_stream().ptr)
 
-    def alltoall(self, send, recv) -> None:
-        """``send[p]`` goes to rank p and ``recv[p]`` comes from it, on the current stream."""
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None) -> None:
+        """``send[p]`` goes to rank p and ``recv[p]`` comes from it, on the current stream
+        (equal parts, or the given byte counts per peer)."""
         import cupy
 
         stream = cupy.cuda.get_current_stream().ptr
-        part = send.nbytes // self.comm.size
+        size = self.comm.size
+        if send_counts is None:
+            send_counts = [send.nbytes // size] * size
+            recv_counts = [recv.nbytes // size] * size
+        send_at = np.concatenate([[0], np.cumsum(send_counts)]).tolist()
+        recv_at = np.concatenate([[0], np.cumsum(recv_counts)]).tolist()
         byte = self._byte
         self._lib.groupStart()
         try:
-            for peer in range(self.comm.size):
-                self._nccl.send(send.data.ptr + peer * part, part, byte, peer, stream)
-                self._nccl.recv(recv.data.ptr + peer * part, part, byte, peer, stream)
+            for peer in range(size):
+                if send_counts[peer]:
+                    self._nccl.send(send.data.ptr + send_at[peer], send_counts[peer], byte,
+                                    peer, stream)
+                if recv_counts[peer]:
+                    self._nccl.recv(recv.data.ptr + recv_at[peer], recv_counts[peer], byte,
+                                    peer, stream)
         finally:
             self._lib.groupEnd()
 
-    def sendrecv(self, send, recv, next_rank: int, prev_rank: int, stream) -> None:
-        """Send ``send`` to ``next_rank`` and receive ``recv`` from ``prev_rank`` on ``stream``."""
+    def sendrecv(self, sends, dest, recvs, source, stream) -> None:
+        """Send arrays to ``dest`` and receive arrays from ``source`` (either may be
+        None) on ``stream``, in one NCCL group."""
         self._lib.groupStart()
         try:
-            self._nccl.send(send.data.ptr, send.nbytes, self._byte, next_rank, stream.ptr)
-            self._nccl.recv(recv.data.ptr, recv.nbytes, self._byte, prev_rank, stream.ptr)
+            for array in sends:
+                self._nccl.send(array.data.ptr, array.nbytes, self._byte, dest, stream.ptr)
+            for array in recvs:
+                self._nccl.recv(array.data.ptr, array.nbytes, self._byte, source, stream.ptr)
         finally:
             self._lib.groupEnd()
 
@@ -90,18 +104,18 @@ class NcclTransport:
             self._nccl = None
 
 
-class _NcclRing(RingExchange):
-    def __init__(self, transport: NcclTransport, first_block):
+class _NcclExchange(Exchange):
+    def __init__(self, transport: NcclTransport, buffers):
         import cupy
 
-        super().__init__(transport.comm, first_block)
+        super().__init__(transport.comm, buffers)
         self._transport = transport
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
 
-    def _start(self, send, recv) -> None:
+    def _start(self, sends, recvs, dest, source, tag) -> None:
         comm_stream = self._transport.stream
         comm_stream.wait_event(self._ready)  # on the GPU, not on the host
-        self._transport.sendrecv(send, recv, self.next, self.prev, comm_stream)
+        self._transport.sendrecv(sends, dest, recvs, source, comm_stream)
         self._arrived.record(comm_stream)
 
     def _wait(self) -> None:

@@ -7,8 +7,8 @@ from functools import partial
 import numpy as np
 from mpi4py import MPI
 
-from ._ring import RingExchange
-from .mpi import MPI_OPS
+from ._exchange import Exchange
+from .mpi import MPI_OPS, alltoallv_bytes
 
 __all__ = ["StagedTransport"]
 
@@ -17,10 +17,10 @@ class StagedTransport:
     """device -> pinned host -> MPI -> pinned host -> device, for MPIs that cannot
     read GPU memory.
 
-    A ring step moves its block in chunks through two pinned send and two pinned
-    receive buffers: while chunk i crosses MPI, chunk i+1 is copied down from the
-    device and chunk i-1 up to it, on two copy streams of their own, so PCIe in
-    both directions and MPI all work at once.
+    An exchange step moves its arrays in chunks through two pinned send and two
+    pinned receive buffers: while chunk i crosses MPI, chunk i+1 is copied down
+    from the device and chunk i-1 up to it, on two copy streams of their own, so
+    PCIe in both directions and MPI all work at once.
     """
 
     name = "staged"
@@ -50,26 +50,29 @@ class StagedTransport:
             self._pinned = ([buffer(), buffer()], [buffer(), buffer()])
         return self._pinned
 
-    def ring(self, first_block) -> RingExchange:
-        return _StagedRing(self, first_block)
+    def exchange(self, buffers) -> Exchange:
+        return _StagedExchange(self, buffers)
 
     def allreduce(self, buffer, op: str) -> None:
         host = buffer.get()  # waits for the current stream
         self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI_OPS[op])
         buffer.set(host)
 
-    def alltoall(self, send, recv) -> None:
+    def alltoall(self, send, recv, send_counts=None, recv_counts=None) -> None:
         host_send, host_recv = send.get(), np.empty(recv.shape, recv.dtype)
-        self.comm.Alltoall([host_send.reshape(-1).view(np.uint8), MPI.BYTE],
-                           [host_recv.reshape(-1).view(np.uint8), MPI.BYTE])
+        if send_counts is None:
+            self.comm.Alltoall([host_send.reshape(-1).view(np.uint8), MPI.BYTE],
+                               [host_recv.reshape(-1).view(np.uint8), MPI.BYTE])
+        else:
+            alltoallv_bytes(self.comm, host_send, send_counts, host_recv, recv_counts)
         recv.set(host_recv)
 
 
-class _StagedRing(RingExchange):
-    def __init__(self, transport: StagedTransport, first_block):
+class _StagedExchange(Exchange):
+    def __init__(self, transport: StagedTransport, buffers):
         import cupy
 
-        super().__init__(transport.comm, first_block)
+        super().__init__(transport.comm, buffers)
         self._transport = transport
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and transport.comm.size > 1
@@ -78,8 +81,8 @@ class _StagedRing(RingExchange):
                         if threaded else None)
         self._job = None
 
-    def _start(self, send, recv) -> None:
-        job = partial(self._transfer, send, recv)
+    def _start(self, sends, recvs, dest, source, tag) -> None:
+        job = partial(self._transfer, sends, recvs, dest, source, tag)
         self._job = self._worker.submit(job) if self._worker is not None else job
 
     def _wait(self) -> None:
@@ -97,35 +100,49 @@ class _StagedRing(RingExchange):
                 self._worker.shutdown(wait=True)
                 self._worker = None
 
-    def _transfer(self, send, recv) -> None:
+    def _transfer(self, sends, recvs, dest, source, tag) -> None:
+        """All arrays of one step, chunk by chunk; the chunks of one array on either
+        side are matched in order (the peer computes the same counts)."""
         import cupy
 
         runtime = cupy.cuda.runtime
         t = self._transport
         runtime.setDevice(t.device_id)  # the current device is per thread
-        chunk, total = t.chunk_bytes, send.nbytes
-        offsets = range(0, total, chunk)
+        chunk = t.chunk_bytes
+        out_pieces = [(a, off, min(chunk, a.nbytes - off))
+                      for a in sends for off in range(0, a.nbytes, chunk)]
+        in_pieces = [(a, off, min(chunk, a.nbytes - off))
+                     for a in recvs for off in range(0, a.nbytes, chunk)]
         host_send, host_recv = t.pinned()
         downloaded = [cupy.cuda.Event(block=False, disable_timing=True) for _ in range(2)]
         t.down.wait_event(self._ready)
         t.up.wait_event(self._ready)
 
         def download(i: int) -> None:
-            size = min(chunk, total - offsets[i])
-            runtime.memcpyAsync(host_send[i % 2].ctypes.data, send.data.ptr + offsets[i], size,
+            array, offset, size = out_pieces[i]
+            runtime.memcpyAsync(host_send[i % 2].ctypes.data, array.data.ptr + offset, size,
                                 runtime.memcpyDeviceToHost, t.down.ptr)
             downloaded[i % 2].record(t.down)
 
-        download(0)
-        for i, offset in enumerate(offsets):
-            size = min(chunk, total - offset)
-            if i + 1 < len(offsets):
+        if out_pieces:
+            download(0)
+        for i in range(max(len(out_pieces), len(in_pieces))):
+            if i + 1 < len(out_pieces):
                 download(i + 1)  # its buffer's last Sendrecv has returned
-            downloaded[i % 2].synchronize()
-            t.uploaded[i % 2].synchronize()
-            self.comm.Sendrecv([host_send[i % 2][:size], MPI.BYTE], self.next, 0,
-                               [host_recv[i % 2][:size], MPI.BYTE], self.prev, 0)
-            runtime.memcpyAsync(recv.data.ptr + offset, host_recv[i % 2].ctypes.data, size,
-                                runtime.memcpyHostToDevice, t.up.ptr)
-            t.uploaded[i % 2].record(t.up)
+            send = [MPI.BOTTOM, 0, MPI.BYTE]
+            send_to = MPI.PROC_NULL
+            if i < len(out_pieces):
+                downloaded[i % 2].synchronize()
+                send, send_to = [host_send[i % 2][:out_pieces[i][2]], MPI.BYTE], dest
+            recv = [MPI.BOTTOM, 0, MPI.BYTE]
+            recv_from = MPI.PROC_NULL
+            if i < len(in_pieces):
+                t.uploaded[i % 2].synchronize()
+                recv, recv_from = [host_recv[i % 2][:in_pieces[i][2]], MPI.BYTE], source
+            self.comm.Sendrecv(send, send_to, tag, recv, recv_from, tag)
+            if i < len(in_pieces):
+                array, offset, size = in_pieces[i]
+                runtime.memcpyAsync(array.data.ptr + offset, host_recv[i % 2].ctypes.data, size,
+                                    runtime.memcpyHostToDevice, t.up.ptr)
+                t.uploaded[i % 2].record(t.up)
         self._arrived.record(t.up)
