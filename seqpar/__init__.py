@@ -1,11 +1,13 @@
 """seqpar: exact softmax attention over sequences split across MPI ranks."""
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
-from .strategies.kv_sharded import kv_sharded_attention
-from .strategies.local import attention
-from .strategies.ring import ring_attention
-from .strategies.ulysses import ulysses_attention
+from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
+from .strategies.local import attention, attention_backward
+from .strategies.ring import ring_attention, ring_attention_backward
+from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 
 __all__ = ["attention", "ring_attention", "kv_sharded_attention", "ulysses_attention",
+           "attention_backward", "ring_attention_backward", "kv_sharded_attention_backward",
+           "ulysses_attention_backward",
            "shard", "gather", "local_indices", "use_local_device"]
 __version__ = "0.1.0"

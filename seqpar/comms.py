@@ -23,6 +23,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from contextlib import contextmanager
 
 from mpi4py import MPI
@@ -126,11 +127,13 @@ def progress(step: str, waiting_for: str = "") -> None:
 def communicating():
     """The part of a call that exchanges point-to-point messages: a failure here
     aborts the job (the other ranks would wait for this rank forever)."""
+    progress("starting to communicate")
     try:
         yield
     except BaseException as exc:  # noqa: BLE001 - every failure here strands the others
         record = getattr(_ACTIVE, "call", None)
         where = "" if record is None else f" in {record.function} ({record.step})"
+        traceback.print_exc(file=sys.stderr)
         _abort(record.comm if record else MPI.COMM_WORLD,
                f"rank {MPI.COMM_WORLD.rank}: {type(exc).__name__}{where}: {exc}")
         raise

@@ -24,7 +24,7 @@ from mpi4py import MPI
 from .comms import resolve_comm
 
 __all__ = ["resolve_comm", "agree", "Agreement", "ATTENTION_SETTINGS",
-           "check_attention_inputs"]
+           "check_attention_inputs", "check_backward_inputs"]
 
 _MESSAGE_BYTES = 1024
 _HASH_MASK = (1 << 62) - 1
@@ -251,3 +251,28 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
             "layout": layout, "transport": transport, "window": window, "seqlens": seqlens,
             "check_finite": bool(check_finite),
             "q length": q.shape[-3], "k length": k.shape[-3]}
+
+
+def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
+    """Local checks of a backward call's arguments: those of the forward
+    (:func:`check_attention_inputs`), then ``dout`` and ``out`` like q and ``lse`` of
+    shape (B, Hq, Sq) (or (Hq, Sq) for 3-D input), float32 or float64."""
+    settings = check_attention_inputs(q, k, v, **options)
+    for name, x in (("dout", dout), ("out", out)):
+        if type(x) is not type(q):
+            raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} but q is a "
+                            f"{type(q).__module__}.{type(q).__name__}")
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype.name} but q has {q.dtype.name}")
+    if type(lse) is not type(q):
+        raise TypeError(f"lse is a {type(lse).__module__}.{type(lse).__name__} but q is a "
+                        f"{type(q).__module__}.{type(q).__name__}")
+    want = q.shape[:-3] + (q.shape[-2], q.shape[-3])
+    if lse.shape != want:
+        raise ValueError(f"lse must have shape {want} (batch, heads, seq), got {lse.shape}")
+    if lse.dtype.name not in ("float32", "float64"):
+        raise TypeError(f"lse must be float32 or float64 (as the forward returns it), "
+                        f"got {lse.dtype.name}")
+    return settings

@@ -45,6 +45,17 @@ class Prepared:
         return out, lse.astype(public_lse_dtype(self.q.dtype), copy=False)
 
 
+    def extras(self, *arrays):
+        """The backward's extra arrays (dout, out, lse), 3-D input promoted like q."""
+        return tuple(x[None] if self.squeeze else x for x in arrays)
+
+    def finish_gradients(self, dq, dk, dv):
+        """Gradients in the dtypes of q, k, v, without the batch axis of 3-D input."""
+        grads = tuple(g if g.dtype == self.q.dtype else g.astype(self.q.dtype)
+                      for g in (dq, dk, dv))
+        return tuple(g[0] for g in grads) if self.squeeze else grads
+
+
 def public_lse_dtype(dtype) -> np.dtype:
     """float64 for float64 input, float32 otherwise (DESIGN: lse's dtype)."""
     return accumulation_dtype(dtype)

@@ -6,10 +6,10 @@ import numpy as np
 from .. import comms
 from ..merge import CARRY_DTYPE
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
+from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
 from ._prepare import check_finite_arrays, check_key_lengths, prepare
 
-__all__ = ["kv_sharded_attention"]
+__all__ = ["kv_sharded_attention", "kv_sharded_attention_backward"]
 
 # the key length may differ across ranks (an empty slice is fine); all else must agree
 _AGREE = tuple(name for name in ATTENTION_SETTINGS if name not in ("window", "seqlens"))
@@ -98,3 +98,48 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         with np.errstate(divide="ignore"):
             lse = xp.where(seen, finite_max + xp.log(safe.astype(CARRY_DTYPE)), -np.inf)
         return p.finish(out, lse, return_lse)
+
+
+def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
+                                  softmax_scale: float | None = None, transport: str = "auto"):
+    """Gradients of :func:`kv_sharded_attention`.
+
+    Each rank computes the gradients over its own K/V slice with the forward's
+    (global) lse; one Allreduce(SUM) adds the query gradients.
+
+    Parameters
+    ----------
+    dout, q, out, lse : the same on every rank (as the forward returns them: out and
+        lse, ``return_lse=True``, are identical on every rank)
+    k, v : this rank's slice, as in the forward
+    comm, softmax_scale, transport : as for the forward
+
+    Returns
+    -------
+    dq : the same on every rank (summed over the ranks' key slices)
+    dk, dv : this rank's slices' gradients; shapes and dtypes of q, k, v.
+    """
+    with comms.call(comm, "kv_sharded_attention_backward") as context:
+        comm = context.comm
+
+        def check():
+            return check_backward_inputs(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
+                                         transport=transport, comm=context)
+
+        def acquire(settings):
+            p = prepare(q, k, v, softmax_scale)
+            grad, out4, lse4 = p.extras(dout, out, lse)
+            dq, dk, dv = (p.xp.empty(x.shape, dtype=p.accumulator) for x in (p.q, p.k, p.v))
+            return p, grad, out4, lse4, dq, dk, dv
+
+        agreement = agree(comm, "kv_sharded_attention_backward", check, _AGREE, acquire)
+        p, grad, out4, lse4, dq, dk, dv = agreement.resources
+        mover = get_transport(context, p.q, transport)
+        with comms.communicating():
+            comms.progress("local backward")
+            delta = p.kernel.backward_delta(grad, out4)
+            p.kernel.backward(grad, p.q, p.k, p.v, lse4, delta, scale=p.scale, dq=dq, dk=dk,
+                              dv=dv)
+            comms.progress("Allreduce of dq", "every rank")
+            mover.allreduce(dq, "sum")
+        return p.finish_gradients(dq, dk, dv)

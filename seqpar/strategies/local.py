@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..masks import Mask
-from ..validation import check_attention_inputs
+from ..validation import check_attention_inputs, check_backward_inputs
 from ._prepare import check_finite_arrays, check_key_lengths, prepare
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_backward"]
 
 
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
@@ -50,12 +50,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     """
     settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                       window=window, seqlens=seqlens, check_finite=check_finite)
-    if isinstance(q_offset, (bool, np.bool_)) or not isinstance(q_offset, (int, np.integer)):
-        raise TypeError(f"q_offset must be an int, got {q_offset!r}")
-    if seqlens is not None and sum(settings["seqlens"]) != max(settings["k length"],
-                                                               q_offset + settings["q length"]):
-        raise ValueError(f"seqlens sum to {sum(settings['seqlens'])}, but the sequence has "
-                         f"{max(settings['k length'], q_offset + settings['q length'])} tokens")
+    _check_positions(settings, q_offset)
     p = prepare(q, k, v, softmax_scale)
     lengths = check_key_lengths(key_lengths, p.q.shape[0], p.k.shape[1], p.xp)
     if check_finite:
@@ -64,3 +59,45 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, mask=mask, q_offset=int(q_offset),
                                 key_lengths=lengths)
     return p.finish(out, lse, return_lse)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
+                       softmax_scale: float | None = None, window=None, seqlens=None,
+                       q_offset: int = 0):
+    """Gradients of :func:`attention` with respect to q, k and v.
+
+    Parameters
+    ----------
+    dout : array like q
+        Gradient of the loss with respect to the forward's output.
+    q, k, v : the forward's inputs (any memory layout; never written)
+    out, lse : the forward's output (q's shape and dtype) and log-sum-exp
+        (``return_lse=True``; shape (B, Hq, Sq), float32 or float64).
+    causal, softmax_scale, window, seqlens, q_offset : as for the forward.
+
+    Returns
+    -------
+    dq, dk, dv : arrays of the shapes and dtypes of q, k, v. With grouped-query
+        attention dk and dv sum over the query heads that share a K/V head.
+        Rows that saw no key contribute nothing.
+    """
+    settings = check_backward_inputs(dout, q, k, v, out, lse, causal=causal,
+                                     softmax_scale=softmax_scale, window=window,
+                                     seqlens=seqlens)
+    _check_positions(settings, q_offset)
+    p = prepare(q, k, v, softmax_scale)
+    dout, out, lse = p.extras(dout, out, lse)
+    delta = p.kernel.backward_delta(dout, out)
+    mask = Mask.build(causal, settings["window"], settings["seqlens"])
+    dq, dk, dv = p.kernel.backward(dout, p.q, p.k, p.v, lse, delta, scale=p.scale, mask=mask,
+                                   q_offset=int(q_offset))
+    return p.finish_gradients(dq, dk, dv)
+
+
+def _check_positions(settings, q_offset) -> None:
+    if isinstance(q_offset, (bool, np.bool_)) or not isinstance(q_offset, (int, np.integer)):
+        raise TypeError(f"q_offset must be an int, got {q_offset!r}")
+    total = max(settings["k length"], q_offset + settings["q length"])
+    if settings["seqlens"] is not None and sum(settings["seqlens"]) != total:
+        raise ValueError(f"seqlens sum to {sum(settings['seqlens'])}, but the sequence has "
+                         f"{total} tokens")

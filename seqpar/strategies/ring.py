@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from .. import comms
 from ..layout import LAYOUTS, segments
 from ..masks import HIDDEN, Mask
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
+from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
 from ._plan import plan_blocks
 from ._prepare import check_finite_arrays, prepare
 
-__all__ = ["ring_attention", "RingSchedule"]
+__all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
 
 
 def ring_attention(q, k, v, *, comm=None, causal: bool = False,
@@ -57,10 +55,10 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         NumPy, and NCCL, else CUDA-aware MPI, else MPI staged through pinned host
         memory for CuPy.
     stats : dict, optional
-        Filled with "transport" (the one that ran), "bytes_per_step" (the largest
-        block this rank sent), "bytes_sent", "steps" (transfers this rank took part
-        in, of P - 1) and "exposed_seconds" (per step, how long compute waited for
-        the next block; for CuPy this synchronises with the stream at the end).
+        Filled with "transport" (the one that ran), "bytes_per_step" (the block
+        this rank sends), "bytes_sent", "steps" (transfers this rank took part in,
+        of P - 1) and "exposed_seconds" (per step, how long compute waited for the
+        next block; for CuPy this synchronises with the stream at the end).
     window : (left, right), optional
         Sliding window by global position: query i sees key j only if
         i - left <= j <= i + right (``None``: unbounded).
@@ -82,13 +80,110 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         point-to-point traffic.
     """
     with comms.call(comm, "ring_attention") as context:
+        def acquire(p, own):
+            return p.xp.zeros(p.q.shape, dtype=p.accumulator), p.new_lse(p.q.shape[1])
+
+        ring = _Ring(context, "ring_attention", (q, k, v), softmax_scale, layout, causal,
+                     window, seqlens, transport, check_finite, acquire)
+        p, (out, lse) = ring.p, ring.resources
+
+        def attend(kv, source, _):
+            for block in ring.blocks(source):
+                p.kernel.forward(p.q[:, block.q_rows], kv[0][:, block.k_rows],
+                                 kv[1][:, block.k_rows], scale=p.scale,
+                                 mask=ring.mask if block.masked else None,
+                                 q_offset=block.q_offset, k_offset=block.k_offset,
+                                 out=out[:, block.q_rows], lse=lse[:, :, block.q_rows],
+                                 accumulate=True)
+
+        exchange = ring.run(attend)
+        if stats is not None:
+            stats.update(transport=ring.mover.name, bytes_per_step=2 * ring.own[0].nbytes,
+                         bytes_sent=exchange.nbytes, steps=exchange.steps,
+                         exposed_seconds=exchange.exposed_seconds())
+        return p.finish(out, lse, return_lse)
+
+
+def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
+                            softmax_scale: float | None = None, layout: str = "contiguous",
+                            transport: str = "auto", window=None, seqlens=None,
+                            stats: dict | None = None):
+    """Gradients of :func:`ring_attention` for this rank's slices of q, k and v.
+
+    K/V travel as in the forward; the gradient of each block's keys and values
+    (float32, float64 for float64 input) is computed where the block visits and
+    sent back to the rank that owns it in the same step, so every rank ends with
+    the full dk, dv of its own slice. Per step a rank sends its K/V (as in the
+    forward) and one partial dK/dV in the accumulation dtype: for bfloat16 or
+    float16 inputs, three times the forward's bytes.
+
+    Parameters
+    ----------
+    dout : array like q
+        Gradient of the loss with respect to this rank's forward output.
+    q, k, v : this rank's forward inputs (any memory layout; never written)
+    out, lse : this rank's forward output and log-sum-exp (``return_lse=True``:
+        (B, Hq, S), float32 or float64).
+    comm, causal, softmax_scale, layout, transport, window, seqlens :
+        as for the forward, and the same on every rank.
+    stats : dict, optional
+        Filled like the forward's, for the K/V exchange, plus "gradient_bytes_sent".
+
+    Returns
+    -------
+    dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v; with
+        grouped-query attention dk, dv sum over the query heads sharing a K/V head.
+    """
+    with comms.call(comm, "ring_attention_backward") as context:
+        def acquire(p, own):
+            grad, lse4, out4 = p.extras(dout, lse, out)
+            delta = p.kernel.backward_delta(grad, out4)
+            dq = p.xp.zeros(p.q.shape, dtype=p.accumulator)
+            dkv = [p.xp.zeros(x.shape, dtype=p.accumulator) for x in own]
+            return grad, lse4, delta, dq, dkv
+
+        ring = _Ring(context, "ring_attention_backward", (q, k, v), softmax_scale, layout,
+                     causal, window, seqlens, transport, False, acquire,
+                     extra_inputs=(dout, out, lse))
+        p = ring.p
+        grad, lse4, delta, dq, dkv = ring.resources
+        parts, home = ring.gradient_buffers
+
+        def attend(kv, source, targets):
+            for block in ring.blocks(source):
+                p.kernel.backward(grad[:, block.q_rows], p.q[:, block.q_rows],
+                                  kv[0][:, block.k_rows], kv[1][:, block.k_rows],
+                                  lse4[:, :, block.q_rows], delta[:, :, block.q_rows],
+                                  scale=p.scale, mask=ring.mask if block.masked else None,
+                                  q_offset=block.q_offset, k_offset=block.k_offset,
+                                  dq=dq[:, block.q_rows], dk=targets[0][:, block.k_rows],
+                                  dv=targets[1][:, block.k_rows], accumulate=True)
+
+        gradients = ring.run(attend, own_targets=dkv, visiting_targets=parts,
+                             returns=home)
+        if stats is not None:
+            stats.update(transport=ring.mover.name, gradient_bytes_sent=gradients.nbytes)
+        return p.finish_gradients(dq, *dkv)
+
+
+class _Ring:
+    """One ring call on this rank: checks and agreement, the schedule, the step loop."""
+
+    def __init__(self, context, function, qkv, softmax_scale, layout, causal, window, seqlens,
+                 transport, check_finite, acquire, extra_inputs=None):
+        q, k, v = qkv
         comm = context.comm
+        self.context, self.function, self.layout = context, function, layout
 
         def check():
-            settings = check_attention_inputs(q, k, v, causal=causal,
-                                              softmax_scale=softmax_scale, layout=layout,
-                                              transport=transport, comm=context, window=window,
-                                              seqlens=seqlens, check_finite=check_finite)
+            options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout,
+                           transport=transport, comm=context, window=window, seqlens=seqlens,
+                           check_finite=check_finite)
+            if extra_inputs is None:
+                settings = check_attention_inputs(q, k, v, **options)
+            else:
+                settings = check_backward_inputs(extra_inputs[0], q, k, v, *extra_inputs[1:],
+                                                 **options)
             if layout not in LAYOUTS:
                 raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
             s, sk = settings["q length"], settings["k length"]
@@ -100,74 +195,112 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                 check_finite_arrays(q=q, k=k, v=v)
             return settings
 
-        def acquire(settings):
-            p = prepare(q, k, v, softmax_scale)
-            out = p.xp.zeros(p.q.shape, dtype=p.accumulator)
-            lse = p.new_lse(p.q.shape[1])
-            own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]  # sent as they are
-            return p, out, lse, own, _buffers(p.xp, own, own[0].size)
+        backward = extra_inputs is not None
 
-        agreement = agree(comm, "ring_attention", check, ATTENTION_SETTINGS, acquire,
+        def acquire_all(settings):
+            p = prepare(q, k, v, softmax_scale)
+            own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]  # sent as they are
+            return p, own, _block_buffers(p, own, own[0].size, backward), acquire(p, own)
+
+        agreement = agree(comm, function, check, ATTENTION_SETTINGS, acquire_all,
                           share=("q length", "k length"))
-        p, out, lse, own, buffers = agreement.resources
+        self.p, self.own, buffers, self.resources = agreement.resources
         q_lengths = tuple(agreement.shared["q length"].tolist())
-        k_lengths = tuple(agreement.shared["k length"].tolist())
+        self.k_lengths = k_lengths = tuple(agreement.shared["k length"].tolist())
         for name, lengths in (("q", q_lengths), ("k", k_lengths)):
             if layout == "zigzag" and len(set(lengths)) != 1:
                 raise ValueError(f"zigzag layout needs the same {name} length on every rank, "
                                  f"got {list(lengths)}")
         settings = agreement.settings
-        total = sum(k_lengths)
-        if settings["seqlens"] is not None and sum(settings["seqlens"]) != total:
+        if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(k_lengths):
             raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
-                             f"sequence has {total} tokens")
-        mask = Mask.build(causal, settings["window"], settings["seqlens"])
-        schedule = RingSchedule.make(layout, q_lengths, k_lengths, mask, comm.rank)
+                             f"sequence has {sum(k_lengths)} tokens")
+        self.mask = Mask.build(causal, settings["window"], settings["seqlens"])
+        self.schedule = RingSchedule.make(layout, q_lengths, k_lengths, self.mask, comm.rank)
         if len(set(k_lengths)) > 1:  # uneven shards (all ranks know): size buffers anew
-            needed = schedule.largest_receive * p.k.shape[0] * p.k.shape[2] * p.k.shape[3]
-            buffers = agree(comm, "ring_attention", dict, (),
-                            lambda _: _buffers(p.xp, own, needed)).resources
-        mover = get_transport(context, p.q, transport)
-        kv_shape = lambda source: (p.k.shape[0], k_lengths[source]) + p.k.shape[2:]  # noqa: E731
+            per_token = self.p.k.shape[0] * self.p.k.shape[2] * self.p.k.shape[3]
+            capacity = max(self.own[0].size, self.schedule.largest_receive * per_token)
+            buffers = agree(comm, function, dict, (), lambda _: _block_buffers(
+                self.p, self.own, capacity, backward)).resources
+        self._kv_buffers, self.gradient_buffers = buffers
+        self.mover = get_transport(context, self.p.q, transport)
 
-        def attend(kv, source):
-            for block in plan_blocks(schedule.q_segments,
-                                     segments(layout, k_lengths, source), mask):
-                p.kernel.forward(p.q[:, block.q_rows], kv[0][:, block.k_rows],
-                                 kv[1][:, block.k_rows], scale=p.scale,
-                                 mask=mask if block.masked else None,
-                                 q_offset=block.q_offset, k_offset=block.k_offset,
-                                 out=out[:, block.q_rows], lse=lse[:, :, block.q_rows],
-                                 accumulate=True)
+    def blocks(self, source):
+        """The kernel calls between this rank's queries and rank ``source``'s keys."""
+        return plan_blocks(self.schedule.q_segments,
+                           segments(self.layout, self.k_lengths, source), self.mask)
 
-        steps = schedule.steps
-        with comms.communicating(), mover.exchange(buffers) as exchange:
-            if steps:
-                first = steps[0]
-                comms.progress(f"step {first.shift}", first.peers)
-                exchange.start(own, first.dest, first.source, [kv_shape(first.source)] * 2
-                               if first.source is not None else None, tag=first.shift)
-            if schedule.needs_own:
-                attend(own, comm.rank)
-            for i, step in enumerate(steps):
-                received = exchange.wait()
-                if i + 1 < len(steps):
-                    after = steps[i + 1]
-                    comms.progress(f"step {after.shift}", after.peers)
-                    exchange.start(own, after.dest, after.source, [kv_shape(after.source)] * 2
-                                   if after.source is not None else None, tag=after.shift)
-                if step.source is not None:
-                    attend(received, step.source)
-        if stats is not None:
-            stats.update(transport=mover.name, bytes_per_step=own[0].nbytes * 2,
-                         bytes_sent=exchange.nbytes, steps=exchange.steps,
-                         exposed_seconds=exchange.exposed_seconds())
-        return p.finish(out, lse, return_lse)
+    def kv_shapes(self, source):
+        shape = (self.p.k.shape[0], self.k_lengths[source]) + self.p.k.shape[2:]
+        return [shape, shape]
+
+    def run(self, attend, own_targets=None, visiting_targets=None, returns=None):
+        """The step loop: ``attend(kv, source, targets)`` for this rank's own block and
+        every block it receives, the next transfer overlapping the current compute.
+
+        With ``returns`` (receive buffers), the arrays ``attend`` filled for a visiting
+        block (``visiting_targets``, two sets used in turn, zeroed first) travel back to
+        the block's owner in the same step and are added into ``own_targets``; returns
+        that exchange, else the K/V exchange.
+        """
+        comm, steps, mover = self.context.comm, self.schedule.steps, self.mover
+        size = comm.size
+        with comms.communicating(), mover.exchange(self._kv_buffers) as exchange:
+            back = mover.exchange([returns, returns], after=exchange) if returns else None
+            try:
+                if steps:
+                    self._start(exchange, steps[0])
+                if self.schedule.needs_own:
+                    comms.progress("own block")
+                    attend(self.own, comm.rank, own_targets)
+                for i, step in enumerate(steps):
+                    received = exchange.wait()
+                    if i + 1 < len(steps):
+                        self._start(exchange, steps[i + 1])
+                    targets = None
+                    if step.source is not None:
+                        comms.progress(f"step {step.shift}: block of rank {step.source}")
+                        if back is not None:
+                            targets = [flat[:a.size].reshape(a.shape) for flat, a in
+                                       zip(visiting_targets[i % 2], received)]
+                            for t in targets:
+                                t.fill(0)
+                        attend(received, step.source, targets)
+                    if back is not None:
+                        if i:
+                            self._add_home(back.wait(), own_targets)
+                        # this block's gradient goes home; ours comes from where ours went
+                        back.start(targets or [], step.source, step.dest,
+                                   [a.shape for a in own_targets], tag=size + step.shift)
+                if back is not None and steps:
+                    self._add_home(back.wait(), own_targets)
+            finally:
+                if back is not None:
+                    back.free()
+        return back if back is not None else exchange
+
+    def _start(self, exchange, step):
+        comms.progress(f"step {step.shift}", step.peers)
+        exchange.start(self.own, step.dest, step.source,
+                       self.kv_shapes(step.source) if step.source is not None else None,
+                       tag=step.shift)
+
+    @staticmethod
+    def _add_home(arrived, own_targets):
+        for target, part in zip(own_targets, arrived):
+            target += part
 
 
-def _buffers(xp, own, size):
-    """Two sets of flat receive buffers (one per array of a block), used in turn."""
-    return [[xp.empty(size, dtype=x.dtype) for x in own] for _ in range(2)]
+def _block_buffers(p, own, size, backward):
+    """Flat buffers of ``size`` elements, one per array of a block: two sets for the
+    K/V that arrive, used in turn; for the backward also two sets for the partial
+    dK/dV of a visiting block (one computed while the other travels home) and one
+    for what comes home, in the accumulation dtype."""
+    def sets(count, dtype):
+        return [[p.xp.empty(size, dtype=dtype) for _ in own] for _ in range(count)]
+
+    gradients = (sets(2, p.accumulator), sets(1, p.accumulator)[0]) if backward else None
+    return sets(2, own[0].dtype), gradients
 
 
 class _Step:
@@ -183,10 +316,14 @@ class _Step:
 
 
 class RingSchedule:
-    """Which blocks this rank sends and receives at each shift, from global positions."""
+    """Which blocks this rank sends and receives at each shift, from global positions.
+
+    ``steps``: the shifts at which this rank sends its K/V (``dest``) or receives
+    another's (``source``), either None where the mask keeps the pair apart;
+    ``largest_receive``: the most tokens one received block holds.
+    """
 
     def __init__(self, q_segments, steps, needs_own, largest_receive):
-        # largest_receive: the most tokens one received block holds
         self.q_segments = q_segments
         self.steps = steps
         self.needs_own = needs_own

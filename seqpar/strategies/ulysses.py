@@ -8,11 +8,11 @@ from ..layout import LAYOUTS, segments
 from ..masks import Mask
 from ..merge import CARRY_DTYPE
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
+from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
 from ._plan import plan_blocks
 from ._prepare import check_finite_arrays, prepare
 
-__all__ = ["ulysses_attention"]
+__all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
 def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
@@ -55,14 +55,98 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
     out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
     with comms.call(comm, "ulysses_attention") as context:
+        call = _UlyssesCall(context, "ulysses_attention", (q, k, v), None, softmax_scale,
+                            layout, causal, window, seqlens, transport, check_finite)
+        p, mover, lengths = call.p, call.mover, call.lengths
+        xp = p.xp
+        with comms.communicating():
+            comms.progress("all-to-all of q, k, v", "every rank")
+            q_all, k_all, v_all = (_to_head_shards(xp, mover, x, lengths) for x in (p.q, p.k, p.v))
+            batch, _, hq, _ = p.q.shape
+            out = xp.zeros(q_all.shape, dtype=p.accumulator)
+            lse = xp.full((batch, hq // len(lengths), sum(lengths)), -np.inf, dtype=CARRY_DTYPE)
+            comms.progress("local attention")
+            for block in call.blocks():
+                p.kernel.forward(q_all[:, block.q_rows], k_all[:, block.k_rows],
+                                 v_all[:, block.k_rows], scale=p.scale,
+                                 mask=call.mask if block.masked else None,
+                                 q_offset=block.q_offset, k_offset=block.k_offset,
+                                 out=out[:, block.q_rows], lse=lse[:, :, block.q_rows],
+                                 accumulate=True)
+            comms.progress("all-to-all of the output", "every rank")
+            out = _to_sequence_shards(xp, mover, out, lengths)
+            if return_lse:
+                lse = _rows_to_sequence_shards(xp, mover, lse, lengths)
+        return p.finish(out, lse, return_lse)
+
+
+def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
+                               softmax_scale: float | None = None, layout: str = "contiguous",
+                               transport: str = "auto", window=None, seqlens=None):
+    """Gradients of :func:`ulysses_attention` for this rank's slices of q, k and v.
+
+    The forward's all-to-alls, mirrored: q, k, v, dout and the per-row lse and
+    delta = rowsum(dout * out) go to head shards, the local backward runs over all
+    tokens of H/P heads, and dq, dk, dv come back to sequence shards.
+
+    Parameters
+    ----------
+    dout : array like q
+        Gradient of the loss with respect to this rank's forward output.
+    q, k, v : this rank's forward inputs (any memory layout; never written)
+    out, lse : this rank's forward output and log-sum-exp (``return_lse=True``).
+    comm, causal, softmax_scale, layout, transport, window, seqlens : as for the forward.
+
+    Returns
+    -------
+    dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v.
+    """
+    with comms.call(comm, "ulysses_attention_backward") as context:
+        call = _UlyssesCall(context, "ulysses_attention_backward", (q, k, v), (dout, out, lse),
+                            softmax_scale, layout, causal, window, seqlens, transport, False)
+        p, mover, lengths = call.p, call.mover, call.lengths
+        xp, acc = p.xp, p.accumulator
+        grad, out4, lse4 = p.extras(dout, out, lse)
+        with comms.communicating():
+            comms.progress("all-to-all of q, k, v, dout", "every rank")
+            delta = p.kernel.backward_delta(grad, out4)
+            q_all, k_all, v_all, g_all = (_to_head_shards(xp, mover, x, lengths)
+                                          for x in (p.q, p.k, p.v, grad))
+            lse_all, delta_all = (_rows_to_head_shards(xp, mover, x, lengths)
+                                  for x in (lse4, delta))
+            dq, dk, dv = (xp.zeros(x.shape, dtype=acc) for x in (q_all, k_all, v_all))
+            comms.progress("local backward")
+            for block in call.blocks():
+                rows, keys = block.q_rows, block.k_rows
+                p.kernel.backward(g_all[:, rows], q_all[:, rows], k_all[:, keys], v_all[:, keys],
+                                  lse_all[:, :, rows], delta_all[:, :, rows], scale=p.scale,
+                                  mask=call.mask if block.masked else None,
+                                  q_offset=block.q_offset, k_offset=block.k_offset,
+                                  dq=dq[:, rows], dk=dk[:, keys], dv=dv[:, keys],
+                                  accumulate=True)
+            comms.progress("all-to-all of dq, dk, dv", "every rank")
+            grads = tuple(_to_sequence_shards(xp, mover, x, lengths) for x in (dq, dk, dv))
+        return p.finish_gradients(*grads)
+
+
+class _UlyssesCall:
+    """Checks and agreement of one Ulysses call (either direction), and its plan."""
+
+    def __init__(self, context, function, qkv, extra_inputs, softmax_scale, layout, causal,
+                 window, seqlens, transport, check_finite):
+        q, k, v = qkv
         comm = context.comm
         size = comm.size
 
         def check():
-            settings = check_attention_inputs(q, k, v, causal=causal,
-                                              softmax_scale=softmax_scale, layout=layout,
-                                              transport=transport, comm=context, window=window,
-                                              seqlens=seqlens, check_finite=check_finite)
+            options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout,
+                           transport=transport, comm=context, window=window, seqlens=seqlens,
+                           check_finite=check_finite)
+            if extra_inputs is None:
+                settings = check_attention_inputs(q, k, v, **options)
+            else:
+                settings = check_backward_inputs(extra_inputs[0], q, k, v, *extra_inputs[1:],
+                                                 **options)
             if layout not in LAYOUTS:
                 raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
             if settings["q length"] != settings["k length"]:
@@ -79,41 +163,26 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
                 check_finite_arrays(q=q, k=k, v=v)
             return settings
 
-        agreement = agree(comm, "ulysses_attention", check, ATTENTION_SETTINGS,
+        agreement = agree(comm, function, check, ATTENTION_SETTINGS,
                           lambda _: prepare(q, k, v, softmax_scale), share=("q length",))
-        p = agreement.resources
-        lengths = agreement.shared["q length"].tolist()
-        if layout == "zigzag" and len(set(lengths)) != 1:
-            raise ValueError(f"zigzag layout needs the same length on every rank, got {lengths}")
+        self.p = agreement.resources
+        self.lengths = agreement.shared["q length"].tolist()
+        if layout == "zigzag" and len(set(self.lengths)) != 1:
+            raise ValueError(f"zigzag layout needs the same length on every rank, got "
+                             f"{self.lengths}")
         settings = agreement.settings
-        if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(lengths):
+        if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(self.lengths):
             raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
-                             f"sequence has {sum(lengths)} tokens")
-        mask = Mask.build(causal, settings["window"], settings["seqlens"])
-        xp, acc = p.xp, p.accumulator
-        mover = get_transport(context, p.q, transport)
-        with comms.communicating():
-            comms.progress("all-to-all of q, k, v", "every rank")
-            q_all, k_all, v_all = (_to_head_shards(xp, mover, x, lengths) for x in (p.q, p.k, p.v))
-            gathered = [run for source in range(size) for run in segments(layout, lengths, source)]
-            batch, _, hq, _ = p.q.shape
-            out = xp.zeros(q_all.shape, dtype=acc)
-            lse = xp.full((batch, hq // size, sum(lengths)), -np.inf, dtype=CARRY_DTYPE)
-            comms.progress("local attention")
-            for block in plan_blocks(gathered, gathered, mask):
-                p.kernel.forward(q_all[:, block.q_rows], k_all[:, block.k_rows],
-                                 v_all[:, block.k_rows], scale=p.scale,
-                                 mask=mask if block.masked else None,
-                                 q_offset=block.q_offset, k_offset=block.k_offset,
-                                 out=out[:, block.q_rows], lse=lse[:, :, block.q_rows],
-                                 accumulate=True)
-            comms.progress("all-to-all of the output", "every rank")
-            out = _to_sequence_shards(xp, mover, out, lengths)
-            if return_lse:  # (B, H/P, N) -> (B, N, H/P, 1) to reuse the same exchange
-                lse = _to_sequence_shards(xp, mover, xp.ascontiguousarray(
-                    lse.transpose(0, 2, 1))[..., None], lengths)[..., 0]
-                lse = xp.ascontiguousarray(lse.transpose(0, 2, 1))
-        return p.finish(out, lse, return_lse)
+                             f"sequence has {sum(self.lengths)} tokens")
+        self.mask = Mask.build(causal, settings["window"], settings["seqlens"])
+        self.layout = layout
+        self.mover = get_transport(context, self.p.q, transport)
+
+    def blocks(self):
+        """Kernel calls over the gathered tokens (source ranks in order)."""
+        gathered = [run for source in range(len(self.lengths))
+                    for run in segments(self.layout, self.lengths, source)]
+        return plan_blocks(gathered, gathered, self.mask)
 
 
 def _to_head_shards(xp, mover, x, lengths):
@@ -146,3 +215,17 @@ def _to_sequence_shards(xp, mover, x, lengths):
     mover.alltoall(send, recv, [n * per_token for n in lengths], [mine * per_token] * size)
     return xp.ascontiguousarray(recv.transpose(1, 2, 0, 3, 4)).reshape(batch, mine,
                                                                         size * h_local, d)
+
+
+def _rows_to_head_shards(xp, mover, x, lengths):
+    """Per-row values (B, H, S_r) -> (B, H/P, sum S), by the same exchange as tokens."""
+    moved = _to_head_shards(xp, mover, xp.ascontiguousarray(x.transpose(0, 2, 1))[..., None],
+                            lengths)
+    return xp.ascontiguousarray(moved[..., 0].transpose(0, 2, 1))
+
+
+def _rows_to_sequence_shards(xp, mover, x, lengths):
+    """Inverse of :func:`_rows_to_head_shards`: (B, H/P, sum S) -> (B, H, S_r)."""
+    moved = _to_sequence_shards(xp, mover, xp.ascontiguousarray(x.transpose(0, 2, 1))[..., None],
+                                lengths)
+    return xp.ascontiguousarray(moved[..., 0].transpose(0, 2, 1))

@@ -26,8 +26,10 @@ class HostTransport:
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
 
-    def exchange(self, buffers) -> Exchange:
-        return _MpiExchange(self.comm, buffers)
+    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+        """An exchange; with ``after``, its transfers queue behind that exchange's on
+        the same helper thread (two exchanges never call MPI at the same time)."""
+        return _MpiExchange(self.comm, buffers, after)
 
     def allreduce(self, buffer, op: str) -> None:
         """In-place Allreduce of a contiguous buffer; ``op`` is "sum" or "max"."""
@@ -70,10 +72,15 @@ class _MpiExchange(Exchange):
     otherwise ``Isend``/``Irecv`` are posted and completed in :meth:`wait`.
     """
 
-    def __init__(self, comm: MPI.Comm, buffers):
+    def __init__(self, comm: MPI.Comm, buffers, after: "_MpiExchange | None" = None):
         super().__init__(comm, buffers)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and comm.size > 1
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="seqpar-xchg") if threaded else None
+        self._owns_worker = after is None
+        if after is not None:
+            self._worker = after._worker
+        else:
+            self._worker = (ThreadPoolExecutor(1, thread_name_prefix="seqpar-xchg")
+                            if threaded else None)
         self._pending = None
         self._requests: list[MPI.Request] = []
 
@@ -120,7 +127,7 @@ class _MpiExchange(Exchange):
             if self._requests:
                 MPI.Request.Waitall(self._requests)
         finally:
-            if self._worker is not None:
+            if self._worker is not None and self._owns_worker:
                 self._worker.shutdown(wait=True)
             self._worker = self._pending = None
             self._requests = []

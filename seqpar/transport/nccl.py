@@ -47,7 +47,9 @@ class NcclTransport:
                        np.dtype(np.float16): nccl.NCCL_FLOAT16}
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX}
 
-    def exchange(self, buffers) -> Exchange:
+    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+        """An exchange; all exchanges of a transport queue on its one NCCL stream, in
+        the order they are started (the same on every rank)."""
         return _NcclExchange(self, buffers)
 
     def allreduce(self, buffer, op: str) -> None:

@@ -50,8 +50,10 @@ class StagedTransport:
             self._pinned = ([buffer(), buffer()], [buffer(), buffer()])
         return self._pinned
 
-    def exchange(self, buffers) -> Exchange:
-        return _StagedExchange(self, buffers)
+    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+        """An exchange; with ``after``, its transfers queue behind that exchange's on
+        the same helper thread (they share the pinned buffers and copy streams)."""
+        return _StagedExchange(self, buffers, after)
 
     def allreduce(self, buffer, op: str) -> None:
         host = buffer.get()  # waits for the current stream
@@ -69,7 +71,7 @@ class StagedTransport:
 
 
 class _StagedExchange(Exchange):
-    def __init__(self, transport: StagedTransport, buffers):
+    def __init__(self, transport: StagedTransport, buffers, after=None):
         import cupy
 
         super().__init__(transport.comm, buffers)
@@ -77,8 +79,9 @@ class _StagedExchange(Exchange):
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and transport.comm.size > 1
         # without MPI threads the transfer runs inside wait(): correct, not overlapped
-        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="seqpar-staged")
-                        if threaded else None)
+        self._owns_worker = after is None
+        self._worker = after._worker if after is not None else (
+            ThreadPoolExecutor(1, thread_name_prefix="seqpar-staged") if threaded else None)
         self._job = None
 
     def _start(self, sends, recvs, dest, source, tag) -> None:
@@ -96,9 +99,9 @@ class _StagedExchange(Exchange):
                 self._job.result()
         finally:
             self._job = None
-            if self._worker is not None:
+            if self._worker is not None and self._owns_worker:
                 self._worker.shutdown(wait=True)
-                self._worker = None
+            self._worker = None
 
     def _transfer(self, sends, recvs, dest, source, tag) -> None:
         """All arrays of one step, chunk by chunk; the chunks of one array on either
