@@ -1,4 +1,5 @@
 """seqpar: exact softmax attention over sequences split across MPI ranks."""
+from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
 from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
@@ -9,5 +10,5 @@ from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 __all__ = ["attention", "ring_attention", "kv_sharded_attention", "ulysses_attention",
            "attention_backward", "ring_attention_backward", "kv_sharded_attention_backward",
            "ulysses_attention_backward",
-           "shard", "gather", "local_indices", "use_local_device"]
+           "shard", "gather", "local_indices", "use_local_device", "ShardedKVCache"]
 __version__ = "0.1.0"

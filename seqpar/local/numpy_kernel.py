@@ -96,8 +96,11 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     o_tile = np.zeros((n_rows, d), dtype=acc)
     row_max = np.full(n_rows, -np.inf, dtype=acc)
     row_sum = np.zeros(n_rows, dtype=acc)
-    for j0 in range(j_begin, j_end, _TILE_KEYS):
-        j1 = min(j0 + _TILE_KEYS, j_end)
+    # few rows (decoding): longer key tiles keep a score tile's size and cut the
+    # per-tile overhead, which would otherwise dominate a memory-bound pass
+    tile_keys = max(_TILE_KEYS, (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
+    for j0 in range(j_begin, j_end, tile_keys):
+        j1 = min(j0 + tile_keys, j_end)
         kind = _tile_kind(lo, hi, j0, j1)
         if kind == HIDDEN:
             continue
