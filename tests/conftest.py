@@ -87,7 +87,7 @@ def random_qkv(rng, dtype_name, *, b=2, sq=12, sk=None, hq=4, hk=2, d=16, batch_
 
 
 def plain_attention(q, k, v, *, causal=False, softmax_scale=None,
-                    q_positions=None, k_positions=None):
+                    q_positions=None, k_positions=None, visible=None):
     """The plain, unfused single-rank computation in q's dtype (see the module docstring).
 
     4-D inputs; returns out in q's dtype.
@@ -107,6 +107,8 @@ def plain_attention(q, k, v, *, causal=False, softmax_scale=None,
         qp = np.arange(q.shape[1]) if q_positions is None else np.asarray(q_positions)
         kp = np.arange(k.shape[1]) if k_positions is None else np.asarray(k_positions)
         s = np.where(kp[None, :] > qp[:, None], -np.inf, s).astype(work)
+    if visible is not None:
+        s = np.where(np.asarray(visible, dtype=bool), s, -np.inf).astype(work)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0).astype(work)
     p = np.exp(s - m)
@@ -117,7 +119,7 @@ def plain_attention(q, k, v, *, causal=False, softmax_scale=None,
 
 
 def check_attention(out, q, k, v, *, causal=False, softmax_scale=None, lse=None,
-                    q_positions=None, k_positions=None):
+                    q_positions=None, k_positions=None, visible=None):
     """Assert out (and lse) against the float64 reference of the (cast) inputs.
 
     All arrays are global or local 4-D (or 3-D, promoted here) host arrays; out has
@@ -130,13 +132,15 @@ def check_attention(out, q, k, v, *, causal=False, softmax_scale=None, lse=None,
     assert out.dtype == q.dtype, (out.dtype, q.dtype)
     assert out.shape == q.shape, (out.shape, q.shape)
     ref, ref_lse = reference_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                       q_positions=q_positions, k_positions=k_positions)
+                                       q_positions=q_positions, k_positions=k_positions,
+                                       visible=visible)
     out64 = out.astype(np.float64)
     assert not np.isnan(out64).any(), "NaN in out"
     err = relative_error(out64, ref)
     plain = relative_error(
         plain_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                        q_positions=q_positions, k_positions=k_positions).astype(np.float64), ref)
+                        q_positions=q_positions, k_positions=k_positions,
+                        visible=visible).astype(np.float64), ref)
     assert err <= TOL[name], f"{name}: relative error {err:.3g} > {TOL[name]}"
     assert err <= max(2 * plain, PLAIN_FLOOR[name]), \
         f"{name}: relative error {err:.3g} > 2 x plain {plain:.3g}"

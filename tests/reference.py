@@ -5,14 +5,15 @@ import numpy as np
 
 
 def reference_attention(q, k, v, *, causal=False, softmax_scale=None,
-                        q_positions=None, k_positions=None):
+                        q_positions=None, k_positions=None, visible=None):
     """Exact attention in float64 on the host.
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hk, D), any float dtype (CuPy arrays are
     copied to the host). Causal masking hides key j from query i when
     k_positions[j] > q_positions[i] (positions default to 0..S-1).
     Returns (out, lse) with out (B, Sq, Hq, D) and lse (B, Hq, Sq), float64;
-    a row with no visible key gives out 0 and lse -inf.
+    a row with no visible key gives out 0 and lse -inf. ``visible``, a boolean
+    (Sq, Sk) or (B, 1, Sq, Sk) matrix, hides the pairs where it is False.
     """
     q, k, v = (np.asarray(_host(x), dtype=np.float64) for x in (q, k, v))
     batch, sq, hq, d = q.shape
@@ -26,6 +27,8 @@ def reference_attention(q, k, v, *, causal=False, softmax_scale=None,
         qp = np.arange(sq) if q_positions is None else np.asarray(q_positions)
         kp = np.arange(sk) if k_positions is None else np.asarray(k_positions)
         scores = np.where(kp[None, :] > qp[:, None], -np.inf, scores)
+    if visible is not None:
+        scores = np.where(np.asarray(visible, dtype=bool), scores, -np.inf)
     m = scores.max(axis=-1, keepdims=True)
     m_safe = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(scores - m_safe)

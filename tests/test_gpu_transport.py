@@ -16,6 +16,7 @@ cupy, _GPUS = require_gpu()
 from mpi4py import MPI  # noqa: E402
 
 import seqpar  # noqa: E402
+from seqpar import comms  # noqa: E402
 from seqpar.transport import cuda_aware_mpi, get_transport  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.mpi]
@@ -39,24 +40,36 @@ def _block(rank, shape, dtype):
     return cupy.asarray(np.random.default_rng(1000 + rank).standard_normal(shape).astype(dtype))
 
 
+def _mover(transport):
+    return get_transport(comms.context_of(_COMM), cupy.empty(1), transport)
+
+
 @pytest.mark.parametrize("transport", _TRANSPORTS)
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 7_000_001)])  # the second: 84 MB, odd
-def test_ring_exchange_moves_every_block(transport, shape):
-    mover = get_transport(_COMM, cupy.empty(1), transport)
-    with mover.ring(_block(_COMM.rank, shape, np.float32)) as ring:
-        for step in range(_COMM.size):
-            if step + 1 < _COMM.size:
-                ring.start()
-            expected = _block((_COMM.rank - step) % _COMM.size, shape, np.float32)
-            assert bool((ring.current == expected).all()), f"step {step}"
-            if step + 1 < _COMM.size:
-                ring.wait()
-    assert len(ring.exposed_seconds()) == _COMM.size - 1
+def test_exchange_moves_every_block(transport, shape):
+    """Every shift, two arrays a step (the second longer on odd ranks), into owned buffers."""
+    mover = _mover(transport)
+    size, rank = _COMM.size, _COMM.rank
+
+    def arrays(r):
+        longer = (shape[0] + r % 2,) + shape[1:]
+        return [_block(r, shape, np.float32), _block(50 + r, longer, np.float32)]
+
+    capacity = max(a.size for r in range(size) for a in arrays(r))
+    buffers = [[cupy.empty(capacity, np.float32) for _ in range(2)] for _ in range(2)]
+    mine = arrays(rank)
+    with mover.exchange(buffers) as exchange:
+        for shift in range(1, size):
+            source, dest = (rank - shift) % size, (rank + shift) % size
+            exchange.start(mine, dest, source, [a.shape for a in arrays(source)], tag=shift)
+            for got, want in zip(exchange.wait(), arrays(source)):
+                assert bool((got == want).all()), f"shift {shift}"
+    assert len(exchange.exposed_seconds()) == size - 1
 
 
 @pytest.mark.parametrize("transport", _TRANSPORTS)
 def test_allreduce_and_alltoall(transport):
-    mover = get_transport(_COMM, cupy.empty(1), transport)
+    mover = _mover(transport)
     mine = _block(_COMM.rank, (3, 40), np.float32)
     everyone = np.stack([_block(r, (3, 40), np.float32).get() for r in range(_COMM.size)])
     total = mine.copy()
@@ -65,12 +78,27 @@ def test_allreduce_and_alltoall(transport):
     largest = mine.copy()
     mover.allreduce(largest, "max")
     assert np.array_equal(largest.get(), everyone.max(axis=0))
+    wide = cupy.asarray(everyone[_COMM.rank].astype(np.float64))
+    mover.allreduce(wide, "max")
+    assert np.array_equal(wide.get(), everyone.max(axis=0).astype(np.float64))
     send = cupy.stack([_block(100 * _COMM.rank + p, (2, 9), np.float16)
                        for p in range(_COMM.size)])
     recv = cupy.empty_like(send)
     mover.alltoall(send, recv)
     for p in range(_COMM.size):
         assert bool((recv[p] == _block(100 * p + _COMM.rank, (2, 9), np.float16)).all())
+    # uneven parts: rank r sends r + p + 1 values to rank p
+    parts = [_block(7 * _COMM.rank + p, (_COMM.rank + p + 1,), np.float32)
+             for p in range(_COMM.size)]
+    recv = cupy.empty(sum(p + _COMM.rank + 1 for p in range(_COMM.size)), np.float32)
+    mover.alltoall(cupy.concatenate(parts), recv, [x.nbytes for x in parts],
+                   [4 * (p + _COMM.rank + 1) for p in range(_COMM.size)])
+    offset = 0
+    for p in range(_COMM.size):
+        n = p + _COMM.rank + 1
+        want = _block(7 * p + _COMM.rank, (n,), np.float32)
+        assert bool((recv[offset:offset + n] == want).all())
+        offset += n
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
