@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import comms
+from ._interop import accepts_dlpack
 from ._arrays import dtype_name, is_supported_dtype
 from .strategies.kv_sharded import kv_sharded_attention
 from .validation import agree
@@ -87,6 +88,7 @@ class ShardedKVCache:
         """Tokens of each batch row held on this rank (on the cache's device)."""
         return self._local
 
+    @accepts_dlpack("k", "v", "counts")
     def append(self, k, v, counts=None) -> None:
         """Append new tokens' keys and values, the same on every rank (collective).
 
@@ -143,6 +145,7 @@ class ShardedKVCache:
         self._lengths += new
         self._local[...] = self._xp.asarray(self._local_counts(self._lengths))
 
+    @accepts_dlpack("q")
     def attend(self, q, *, softmax_scale: float | None = None, return_lse: bool = False,
                transport: str = "auto"):
         """Attention of ``q`` (the same on every rank) over every cached token.

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from . import comms
+from ._interop import accepts_dlpack
 from ._arrays import array_module
 from .validation import agree
 
@@ -86,6 +87,7 @@ def local_indices(n: int, comm=None, layout: str = "contiguous", lengths=None) -
                            for start, length in runs])
 
 
+@accepts_dlpack("x")
 def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None):
     """This rank's slice of a global array that every rank holds.
 
@@ -125,6 +127,7 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None)
     return xp.ascontiguousarray(xp.concatenate(pieces, axis=axis))
 
 
+@accepts_dlpack("x")
 def gather(x, comm=None, layout: str = "contiguous", axis: int = 1):
     """The global array, on every rank, from each rank's slice (inverse of :func:`shard`).
 

@@ -195,8 +195,9 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
         try:
             array_module(x)
         except TypeError:
-            raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, "
-                            f"got {type(x).__module__}.{type(x).__name__}") from None
+            raise TypeError(f"{name} must be a numpy.ndarray, a cupy.ndarray or an array with "
+                            f"__dlpack__ (PyTorch, JAX, ...), got "
+                            f"{type(x).__module__}.{type(x).__name__}") from None
     for name, x in arrays.items():
         if type(x) is not type(q):
             raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} but q is a "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import comms
+from .._interop import accepts_dlpack
 from ..merge import CARRY_DTYPE
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
@@ -15,6 +16,7 @@ __all__ = ["kv_sharded_attention", "kv_sharded_attention_backward"]
 _AGREE = tuple(name for name in ATTENTION_SETTINGS if name not in ("window", "seqlens"))
 
 
+@accepts_dlpack("q", "k", "v", "key_lengths")
 def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = None,
                          return_lse: bool = False, transport: str = "auto",
                          key_lengths=None, check_finite: bool = False):
@@ -100,6 +102,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         return p.finish(out, lse, return_lse)
 
 
+@accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
                                   softmax_scale: float | None = None, transport: str = "auto"):
     """Gradients of :func:`kv_sharded_attention`.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._interop import accepts_dlpack
 from ..masks import Mask
 from ..validation import check_attention_inputs, check_backward_inputs
 from ._prepare import check_finite_arrays, check_key_lengths, prepare
@@ -10,6 +11,7 @@ from ._prepare import check_finite_arrays, check_key_lengths, prepare
 __all__ = ["attention", "attention_backward"]
 
 
+@accepts_dlpack("q", "k", "v", "key_lengths")
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
               return_lse: bool = False, window=None, seqlens=None, key_lengths=None,
               q_offset: int = 0, check_finite: bool = False):
@@ -61,6 +63,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
     return p.finish(out, lse, return_lse)
 
 
+@accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        softmax_scale: float | None = None, window=None, seqlens=None,
                        q_offset: int = 0):

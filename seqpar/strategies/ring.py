@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 from .. import comms
+from .._interop import accepts_dlpack
 from ..layout import LAYOUTS, segments
 from ..masks import HIDDEN, Mask
 from ..transport import get_transport
@@ -14,6 +15,7 @@ from ._prepare import check_finite_arrays, prepare
 __all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
 
 
+@accepts_dlpack("q", "k", "v")
 def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                    softmax_scale: float | None = None, layout: str = "contiguous",
                    return_lse: bool = False, transport: str = "auto",
@@ -104,6 +106,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         return p.finish(out, lse, return_lse)
 
 
+@accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                             softmax_scale: float | None = None, layout: str = "contiguous",
                             transport: str = "auto", window=None, seqlens=None,

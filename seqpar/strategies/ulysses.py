@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import comms
+from .._interop import accepts_dlpack
 from ..layout import LAYOUTS, segments
 from ..masks import Mask
 from ..merge import CARRY_DTYPE
@@ -15,6 +16,7 @@ from ._prepare import check_finite_arrays, prepare
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
+@accepts_dlpack("q", "k", "v")
 def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
                       softmax_scale: float | None = None, layout: str = "contiguous",
                       return_lse: bool = False, transport: str = "auto", window=None,
@@ -80,6 +82,7 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
         return p.finish(out, lse, return_lse)
 
 
+@accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                                softmax_scale: float | None = None, layout: str = "contiguous",
                                transport: str = "auto", window=None, seqlens=None):

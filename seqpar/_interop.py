@@ -1,0 +1,96 @@
+"""Arrays of other libraries (PyTorch, JAX, ...) in and out through DLPack, without a copy.
+
+seqpar computes on NumPy (CPU) and CuPy (GPU) arrays. An argument that is neither
+but has ``__dlpack__`` is viewed as one of them (host memory as NumPy, CUDA memory
+as CuPy: zero copy), and results come back as the caller's kind through the
+``from_dlpack`` of the library the first such argument came from. seqpar imports
+none of those libraries: it only looks them up in ``sys.modules``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import numpy as np
+
+__all__ = ["accepts_dlpack"]
+
+_CPU, _CUDA, _CUDA_HOST, _CUDA_MANAGED = 1, 2, 3, 13  # DLPack device types
+
+
+def accepts_dlpack(*names: str):
+    """Decorate a public function: its arguments ``names`` may be any DLPack arrays.
+
+    Returned arrays (one, or a tuple of them) go back as the kind of the first
+    of ``names`` (q, dout, x); NumPy and CuPy arguments pass through untouched.
+    """
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            origin = None
+            for name in names:
+                value = bound.arguments.get(name)
+                if value is None or not _foreign(value):
+                    continue
+                bound.arguments[name] = _as_native(value, name)
+                if name == names[0]:  # the result takes the kind of the main array
+                    origin = type(value)
+            result = function(*bound.args, **bound.kwargs)
+            return result if origin is None else _back(result, origin)
+
+        return wrapper
+
+    return decorate
+
+
+def _foreign(x) -> bool:
+    if isinstance(x, np.ndarray):
+        return False
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return False
+    return hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")
+
+
+def _as_native(x, name: str):
+    """A NumPy (host memory) or CuPy (CUDA memory) view of a DLPack array."""
+    if getattr(x, "requires_grad", False) and hasattr(x, "detach"):
+        x = x.detach()  # seqpar computes values; gradients come from its backward functions
+    device_type = int(x.__dlpack_device__()[0])
+    try:
+        if device_type in (_CPU, _CUDA_HOST):
+            return np.from_dlpack(x)
+        if device_type in (_CUDA, _CUDA_MANAGED):
+            import cupy
+
+            return cupy.from_dlpack(x)
+    except (TypeError, BufferError, RuntimeError, ValueError) as exc:
+        raise TypeError(f"{name}: a {type(x).__module__}.{type(x).__name__} could not be "
+                        f"viewed through DLPack ({exc}); bfloat16 host tensors are refused "
+                        "by NumPy's DLPack import: pass float32 or float16 on the CPU")
+    raise TypeError(f"{name}: arrays on DLPack device type {device_type} are not supported "
+                    "(host memory runs on NumPy, CUDA memory on CuPy)")
+
+
+def _back(result, origin):
+    """The result as the kind of array the caller passed."""
+    convert = _from_dlpack_of(origin)
+    if convert is None:
+        return result
+    if isinstance(result, tuple):
+        return tuple(convert(r) if hasattr(r, "__dlpack__") else r for r in result)
+    return convert(result) if hasattr(result, "__dlpack__") else result
+
+
+def _from_dlpack_of(kind):
+    """``from_dlpack`` of the library that defines arrays of ``kind``, if loaded."""
+    top = kind.__module__.split(".")[0]
+    if top in ("jax", "jaxlib"):
+        jax = sys.modules.get("jax")
+        return None if jax is None else jax.numpy.from_dlpack
+    module = sys.modules.get(top)
+    return getattr(module, "from_dlpack", None)
