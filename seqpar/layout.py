@@ -7,6 +7,7 @@ work; it needs equal chunks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -16,7 +17,7 @@ from ._interop import accepts_dlpack
 from ._arrays import array_module
 from .validation import agree
 
-__all__ = ["LAYOUTS", "segments", "split_lengths", "local_indices", "shard", "gather"]
+__all__ = ["LAYOUTS", "Placement", "segments", "split_lengths", "local_indices", "shard", "gather"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -32,6 +33,35 @@ def segments(layout: str, lengths: Sequence[int], rank: int) -> list[tuple[int, 
     half = int(lengths[rank]) // 2
     size = len(lengths)
     return [(rank * half, half), ((2 * size - 1 - rank) * half, half)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The global positions of every rank's tokens: per rank, its (start, length) runs
+    in local order."""
+
+    runs: tuple
+
+    @classmethod
+    def of(cls, layout: str, lengths: Sequence[int]) -> "Placement":
+        return cls(tuple(tuple(segments(layout, lengths, r)) for r in range(len(lengths))))
+
+    @classmethod
+    def grouped(cls, placement: "Placement", group: int) -> "Placement":
+        """Ranks g*group .. (g+1)*group - 1 taken together as rank g, in rank order."""
+        runs = placement.runs
+        return cls(tuple(sum(runs[g * group:(g + 1) * group], ())
+                         for g in range(len(runs) // group)))
+
+    def segments(self, rank: int) -> list[tuple[int, int]]:
+        return list(self.runs[rank])
+
+    def length(self, rank: int) -> int:
+        return sum(n for _, n in self.runs[rank])
+
+    @property
+    def size(self) -> int:
+        return len(self.runs)
 
 
 def split_lengths(n: int, size: int) -> list[int]:

@@ -72,7 +72,8 @@ CASES = {  # case: (error type, message after "rank N: ")
     "kv_shape": (ValueError, r"k and v must have the same shape"),
     "dtype_mismatch": (TypeError, r"v has dtype float32 but q has float64"),
     "int32": (TypeError, r"q has dtype int32"),
-    "list": (TypeError, r"k must be a numpy.ndarray or cupy.ndarray, got builtins.list"),
+    "list": (TypeError, r"k must be a numpy.ndarray, a cupy.ndarray or an array with "
+                     r"__dlpack__ \(PyTorch, JAX, ...\), got builtins.list"),
     "layout": (ValueError, r"layout must be one of"),
     "causal_type": (TypeError, r"causal must be a bool"),
     "scale_nan": (ValueError, r"softmax_scale must be a finite number"),

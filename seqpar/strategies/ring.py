@@ -5,7 +5,7 @@ import functools
 
 from .. import comms
 from .._interop import accepts_dlpack
-from ..layout import LAYOUTS, segments
+from ..layout import LAYOUTS, Placement
 from ..masks import HIDDEN, Mask
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
@@ -85,8 +85,8 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         def acquire(p, own):
             return p.xp.zeros(p.q.shape, dtype=p.accumulator), p.new_lse(p.q.shape[1])
 
-        ring = _Ring(context, "ring_attention", (q, k, v), softmax_scale, layout, causal,
-                     window, seqlens, transport, check_finite, acquire)
+        ring = _Ring.agreed(context, "ring_attention", (q, k, v), softmax_scale, layout, causal,
+                            window, seqlens, transport, check_finite, acquire)
         p, (out, lse) = ring.p, ring.resources
 
         def attend(kv, source, _):
@@ -145,9 +145,9 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
             dkv = [p.xp.zeros(x.shape, dtype=p.accumulator) for x in own]
             return grad, lse4, delta, dq, dkv
 
-        ring = _Ring(context, "ring_attention_backward", (q, k, v), softmax_scale, layout,
-                     causal, window, seqlens, transport, False, acquire,
-                     extra_inputs=(dout, out, lse))
+        ring = _Ring.agreed(context, "ring_attention_backward", (q, k, v), softmax_scale,
+                            layout, causal, window, seqlens, transport, False, acquire,
+                            extra_inputs=(dout, out, lse))
         p = ring.p
         grad, lse4, delta, dq, dkv = ring.resources
         parts, home = ring.gradient_buffers
@@ -170,13 +170,22 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
 
 
 class _Ring:
-    """One ring call on this rank: checks and agreement, the schedule, the step loop."""
+    """One ring call on this rank: the placements, the schedule, buffers, the step loop."""
 
-    def __init__(self, context, function, qkv, softmax_scale, layout, causal, window, seqlens,
-                 transport, check_finite, acquire, extra_inputs=None):
+    def __init__(self, context, p, own, q_place, k_place, mask, mover, buffers, resources):
+        self.context, self.p, self.own, self.mask, self.mover = context, p, own, mask, mover
+        self.q_place, self.k_place, self.resources = q_place, k_place, resources
+        self._kv_buffers, self.gradient_buffers = buffers
+        self.schedule = RingSchedule.make(q_place, k_place, mask, context.comm.rank)
+
+    @classmethod
+    def agreed(cls, context, function, qkv, softmax_scale, layout, causal, window, seqlens,
+               transport, check_finite, acquire, extra_inputs=None) -> "_Ring":
+        """Check the arguments and acquire everything with every rank, for q, k, v laid
+        out by ``layout``; ``acquire(p, own)`` allocates the caller's outputs."""
         q, k, v = qkv
         comm = context.comm
-        self.context, self.function, self.layout = context, function, layout
+        backward = extra_inputs is not None
 
         def check():
             options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout,
@@ -198,8 +207,6 @@ class _Ring:
                 check_finite_arrays(q=q, k=k, v=v)
             return settings
 
-        backward = extra_inputs is not None
-
         def acquire_all(settings):
             p = prepare(q, k, v, softmax_scale)
             own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]  # sent as they are
@@ -207,9 +214,9 @@ class _Ring:
 
         agreement = agree(comm, function, check, ATTENTION_SETTINGS, acquire_all,
                           share=("q length", "k length"))
-        self.p, self.own, buffers, self.resources = agreement.resources
+        p, own, buffers, resources = agreement.resources
         q_lengths = tuple(agreement.shared["q length"].tolist())
-        self.k_lengths = k_lengths = tuple(agreement.shared["k length"].tolist())
+        k_lengths = tuple(agreement.shared["k length"].tolist())
         for name, lengths in (("q", q_lengths), ("k", k_lengths)):
             if layout == "zigzag" and len(set(lengths)) != 1:
                 raise ValueError(f"zigzag layout needs the same {name} length on every rank, "
@@ -218,23 +225,37 @@ class _Ring:
         if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(k_lengths):
             raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
                              f"sequence has {sum(k_lengths)} tokens")
-        self.mask = Mask.build(causal, settings["window"], settings["seqlens"])
-        self.schedule = RingSchedule.make(layout, q_lengths, k_lengths, self.mask, comm.rank)
+        mask = Mask.build(causal, settings["window"], settings["seqlens"])
+        q_place, k_place = Placement.of(layout, q_lengths), Placement.of(layout, k_lengths)
         if len(set(k_lengths)) > 1:  # uneven shards (all ranks know): size buffers anew
-            per_token = self.p.k.shape[0] * self.p.k.shape[2] * self.p.k.shape[3]
-            capacity = max(self.own[0].size, self.schedule.largest_receive * per_token)
+            capacity = _capacity(p, own, q_place, k_place, mask, comm.rank)
             buffers = agree(comm, function, dict, (), lambda _: _block_buffers(
-                self.p, self.own, capacity, backward)).resources
-        self._kv_buffers, self.gradient_buffers = buffers
-        self.mover = get_transport(context, self.p.q, transport)
+                p, own, capacity, backward)).resources
+        return cls(context, p, own, q_place, k_place, mask,
+                   get_transport(context, p.q, transport), buffers, resources)
+
+    @classmethod
+    def placed(cls, context, everyone, function, p, q_place, k_place, mask, transport,
+               acquire) -> "_Ring":
+        """A forward ring on ``context``'s communicator for arguments already agreed on
+        the wider communicator ``everyone``, which also agrees that every rank could
+        allocate the buffers (before any point-to-point message)."""
+        def allocate(_):
+            own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]
+            capacity = _capacity(p, own, q_place, k_place, mask, context.comm.rank)
+            return own, _block_buffers(p, own, capacity, False), acquire(p, own)
+
+        own, buffers, resources = agree(everyone, function, dict, (), allocate).resources
+        return cls(context, p, own, q_place, k_place, mask,
+                   get_transport(context, p.q, transport), buffers, resources)
 
     def blocks(self, source):
         """The kernel calls between this rank's queries and rank ``source``'s keys."""
-        return plan_blocks(self.schedule.q_segments,
-                           segments(self.layout, self.k_lengths, source), self.mask)
+        return plan_blocks(self.q_place.segments(self.context.comm.rank),
+                           self.k_place.segments(source), self.mask)
 
     def kv_shapes(self, source):
-        shape = (self.p.k.shape[0], self.k_lengths[source]) + self.p.k.shape[2:]
+        shape = (self.p.k.shape[0], self.k_place.length(source)) + self.p.k.shape[2:]
         return [shape, shape]
 
     def run(self, attend, own_targets=None, visiting_targets=None, returns=None):
@@ -294,6 +315,12 @@ class _Ring:
             target += part
 
 
+def _capacity(p, own, q_place, k_place, mask, rank) -> int:
+    """Elements of the largest block this rank will receive (or send)."""
+    largest = RingSchedule.make(q_place, k_place, mask, rank).largest_receive
+    return max(own[0].size, largest * p.k.shape[0] * p.k.shape[2] * p.k.shape[3])
+
+
 def _block_buffers(p, own, size, backward):
     """Flat buffers of ``size`` elements, one per array of a block: two sets for the
     K/V that arrive, used in turn; for the backward also two sets for the partial
@@ -326,23 +353,21 @@ class RingSchedule:
     ``largest_receive``: the most tokens one received block holds.
     """
 
-    def __init__(self, q_segments, steps, needs_own, largest_receive):
-        self.q_segments = q_segments
+    def __init__(self, steps, needs_own, largest_receive):
         self.steps = steps
         self.needs_own = needs_own
         self.largest_receive = largest_receive
 
     @classmethod
     @functools.lru_cache(maxsize=64)
-    def make(cls, layout, q_lengths, k_lengths, mask, rank) -> "RingSchedule":
-        size = len(q_lengths)
+    def make(cls, q_place: Placement, k_place: Placement, mask, rank) -> "RingSchedule":
+        size = q_place.size
 
         def sees(a, b):  # do rank a's queries see any of rank b's keys?
             if mask is None:
-                return q_lengths[a] > 0 and k_lengths[b] > 0
+                return q_place.length(a) > 0 and k_place.length(b) > 0
             return any(mask.classify(qs, ql, ks, kl) != HIDDEN
-                       for qs, ql in segments(layout, q_lengths, a)
-                       for ks, kl in segments(layout, k_lengths, b))
+                       for qs, ql in q_place.segments(a) for ks, kl in k_place.segments(b))
 
         steps, largest = [], 0
         for shift in range(1, size):
@@ -352,5 +377,5 @@ class RingSchedule:
             if source is not None or dest is not None:
                 steps.append(_Step(shift, dest, source))
             if source is not None:
-                largest = max(largest, k_lengths[source])
-        return cls(segments(layout, q_lengths, rank), steps, sees(rank, rank), largest)
+                largest = max(largest, k_place.length(source))
+        return cls(steps, sees(rank, rank), largest)
