@@ -2,6 +2,8 @@
 from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
+from .strategies.auto import choose_strategy, sequence_parallel_attention
+from .strategies.hybrid import hybrid_attention
 from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
 from .strategies.local import attention, attention_backward
 from .strategies.ring import ring_attention, ring_attention_backward
@@ -9,6 +11,7 @@ from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 
 __all__ = ["attention", "ring_attention", "kv_sharded_attention", "ulysses_attention",
            "attention_backward", "ring_attention_backward", "kv_sharded_attention_backward",
-           "ulysses_attention_backward",
+           "ulysses_attention_backward", "hybrid_attention", "sequence_parallel_attention",
+           "choose_strategy",
            "shard", "gather", "local_indices", "use_local_device", "ShardedKVCache"]
 __version__ = "0.1.0"

@@ -46,12 +46,16 @@ def resolve_comm(comm) -> MPI.Comm:
 
 
 class CallContext:
-    """What seqpar keeps per user communicator: its private duplicate and a lock."""
+    """What seqpar keeps per user communicator: its private duplicate, a lock, and
+    what calls on it build once (transports, sub-communicators), freed with it."""
 
-    def __init__(self, user_comm: MPI.Comm):
-        self.comm = user_comm.Dup()
+    def __init__(self, user_comm: MPI.Comm | None = None, *, private: MPI.Comm | None = None):
+        self.comm = private if private is not None else user_comm.Dup()
         self.lock = threading.RLock()
-        self.cache: dict = {}  # transports and the like, freed with the communicator
+        self.cache: dict = {}
+
+    def close(self) -> None:
+        self.free()
 
     def free(self) -> None:
         for item in list(self.cache.values()):
@@ -59,7 +63,7 @@ class CallContext:
             if close is not None:
                 close()
         self.cache.clear()
-        if self.comm != MPI.COMM_NULL:
+        if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()
 
 

@@ -1,0 +1,94 @@
+"""Choosing a strategy from the shapes, the heads and the number of ranks."""
+from __future__ import annotations
+
+from .._interop import accepts_dlpack
+from ..comms import resolve_comm
+from .hybrid import hybrid_attention
+from .kv_sharded import kv_sharded_attention
+from .ring import ring_attention
+from .ulysses import ulysses_attention
+
+__all__ = ["choose_strategy", "communication_per_token", "sequence_parallel_attention"]
+
+STRATEGIES = ("auto", "ring", "ulysses", "hybrid", "kv_sharded")
+
+
+def communication_per_token(ranks: int, heads: int, kv_heads: int, ulysses_size: int) -> float:
+    """Values (of head_dim elements each) a rank sends per local token in one forward.
+
+    U = ``ulysses_size``: the all-to-alls move q, k, v there and out back, of which
+    (U - 1) / U leaves the rank; the ring then sends the group's K/V to the other
+    P/U - 1 groups, (P/U - 1) * 2 * Hk values per token (the group holds U times the
+    tokens, for Hk/U heads). U = 1 is the ring, U = P is Ulysses.
+    """
+    u = ulysses_size
+    return (u - 1) / u * (2 * heads + 2 * kv_heads) + (ranks // u - 1) * 2 * kv_heads
+
+
+def choose_strategy(ranks: int, heads: int, kv_heads: int, *, queries: str = "sharded",
+                    window=None) -> tuple[str, int]:
+    """The strategy :func:`sequence_parallel_attention` runs, and its Ulysses group size.
+
+    - Replicated queries (decoding: every rank holds the same queries and a slice of
+      the K/V cache): ``kv_sharded``.
+    - A sliding window: ``ring``, which exchanges blocks with the ranks the window
+      reaches only.
+    - Otherwise the group size U (a divisor of P that divides both head counts) with
+      the least communication per token (:func:`communication_per_token`); ties go
+      to the smaller U, whose transfers overlap compute. U = 1 is ``ring``, U = P is
+      ``ulysses``, anything between ``hybrid``.
+    """
+    if queries not in ("sharded", "replicated"):
+        raise ValueError(f"queries must be 'sharded' or 'replicated', got {queries!r}")
+    if queries == "replicated":
+        return "kv_sharded", 1
+    if window is not None:
+        return "ring", 1
+    sizes = [u for u in range(1, ranks + 1)
+             if ranks % u == 0 and heads % u == 0 and kv_heads % u == 0]
+    best = min(sizes, key=lambda u: (communication_per_token(ranks, heads, kv_heads, u), u))
+    if best == 1:
+        return "ring", 1
+    return ("ulysses" if best == ranks else "hybrid"), best
+
+
+@accepts_dlpack("q", "k", "v")
+def sequence_parallel_attention(q, k, v, *, comm=None, strategy: str = "auto",
+                                queries: str = "sharded", ulysses_size: int | None = None,
+                                stats: dict | None = None, **options):
+    """Attention over a sequence split across ranks, by the strategy that suits it.
+
+    Parameters
+    ----------
+    q, k, v : this rank's arrays, as the chosen strategy takes them
+    comm : mpi4py.MPI.Comm, optional
+    strategy : {"auto", "ring", "ulysses", "hybrid", "kv_sharded"}
+        "auto" applies :func:`choose_strategy` (the same choice on every rank).
+    queries : {"sharded", "replicated"}
+        Whether each rank holds its own slice of the queries (training, prefill) or
+        every rank the same queries (decoding against a sharded K/V cache).
+    ulysses_size : int, optional
+        The group size for ``strategy="hybrid"`` (chosen by the rule for "auto").
+    stats : dict, optional
+        Filled with "strategy" and "ulysses_size".
+    **options
+        Keywords of the chosen strategy (causal, softmax_scale, layout, return_lse,
+        transport, window, seqlens, check_finite, ...).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    size = resolve_comm(comm).size
+    if strategy == "auto":
+        strategy, chosen = choose_strategy(size, q.shape[-2], k.shape[-2], queries=queries,
+                                           window=options.get("window"))
+        ulysses_size = chosen if strategy == "hybrid" else ulysses_size
+    if stats is not None:
+        stats.update(strategy=strategy, ulysses_size=(
+            ulysses_size if strategy == "hybrid" else size if strategy == "ulysses" else 1))
+    if strategy == "hybrid":
+        if ulysses_size is None:
+            raise ValueError("strategy 'hybrid' needs ulysses_size")
+        return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm, **options)
+    call = {"ring": ring_attention, "ulysses": ulysses_attention,
+            "kv_sharded": kv_sharded_attention}[strategy]
+    return call(q, k, v, comm=comm, **options)
