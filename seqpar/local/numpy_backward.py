@@ -22,20 +22,28 @@ import numpy as np
 
 from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
-from . import numpy_kernel as _kernel
 from .numpy_kernel import _as, _threads, _tile_kind, run_jobs, visible_key_range
 
 __all__ = ["backward"]
 
-# Work decomposition, measured on 2 cores, float32, N=4096..8192, 8 heads
-# (benchmarks/cpu_backward.md):
-#   * one pass (5 matmuls per tile pair) beats two passes (a dK/dV pass over key
-#     tiles and a dQ pass over query tiles recomputing P and dS: 7 matmuls and
-#     twice the elementwise work) by ~1.4x;
-#   * a job per (batch, K/V head) is race-free without partial sums. Only when
-#     there are fewer such pairs than threads are a pair's key tiles split into
-#     chunks; chunk c > 0 then accumulates dQ in its own buffer, added after all
-#     jobs in chunk order, so the bytes never depend on thread timing.
+# Rows (query positions x group) and keys per tile pair. Two (rows x keys) float32
+# tiles live at once (P and dS), so the square 512 x 512 tile keeps the pair's working
+# set at 2 MiB like the forward's one 512 x 1024 score tile; measured on 2 cores,
+# float32, N=4096, d=64, 8 heads, it beat 512 x 1024, 256 x 512, 256 x 1024, 128 x 512
+# and 256 x 256 (by 4-10% unmasked, 3-18% causal, where smaller tiles waste less on
+# the diagonal). benchmarks/cpu_backward.md has the resulting rates.
+_TILE_ROWS = 512
+_TILE_KEYS = 512
+
+# Work decomposition. One pass (five matmuls per tile pair) against two passes (a
+# dK/dV pass over key tiles and a dQ pass over query tiles, which recomputes P and
+# dS: seven matmuls and twice the elementwise work), same tiles, same machine:
+# 0.66 s vs 1.01 s unmasked and 0.43 s vs 0.66 s causal (N=4096, d=64, 8 heads), so
+# one pass. A job owns a (batch, K/V head) and a run of its key tiles, so dK and dV
+# need no reduction; only when there are fewer (batch, K/V head) pairs than threads
+# are a pair's key tiles split into chunks, chunk c > 0 accumulating its dQ in its
+# own buffer, added after all jobs in chunk order: the bytes never depend on thread
+# timing (they do on the thread count, which fixes the chunks).
 
 
 def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
@@ -74,35 +82,29 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
         dk and dv are summed over the query heads that share a K/V head.
     """
     acc = accumulation_dtype(q.dtype)
-    batch, sq, hq, d = q.shape
+    batch, _, hq, d = q.shape
     hk = k.shape[2]
     dq = np.empty(q.shape, dtype=acc) if dq is None else dq
     dk = np.empty(k.shape, dtype=acc) if dk is None else dk
     dv = np.empty(v.shape, dtype=acc) if dv is None else dv
     if not accumulate:
         dq[...] = 0  # jobs add into dq; dk and dv are assigned tile by tile
-    step = max(1, _kernel._TILE_ROWS // (hq // hk))
-    row_tiles = [(p0, min(p0 + step, sq)) for p0 in range(0, sq, step)]
-    key_tiles = [(j0, min(j0 + _kernel._TILE_KEYS, k.shape[1]))
-                 for j0 in range(0, k.shape[1], _kernel._TILE_KEYS)]
-    bounds = [visible_key_range(mask, q_offset, k_offset, p0, p1, k.shape[1])[2:]
-              for p0, p1 in row_tiles]
-    chunks = _key_chunks(row_tiles, key_tiles, bounds, -(-_thread_count() // (batch * hk)))
-    grads = (dq, dk, dv)
+    tiling = _Tiling(q.shape, k.shape, mask, q_offset, k_offset)
+    chunks = tiling.key_chunks(-(-_thread_count() // (batch * hk)))
+    arrays = (dout, q, k, v, lse, delta, dq, dk, dv)
     jobs, partials = [], []
     for b in range(batch):
         for h in range(hk):
-            for c, chunk in enumerate(chunks):
-                own = None if c == 0 else np.zeros((sq, hq // hk, d), dtype=acc)
-                partials.append((b, h, own))
-                jobs.append(functools.partial(
-                    _backward_job, dout, q, k, v, lse, delta, grads, float(scale), b, h,
-                    row_tiles, bounds, chunk, own, accumulate))
+            for c, (key_tiles, (r0, r1)) in enumerate(chunks):
+                own = None if c == 0 else np.zeros((r1 - r0, hq // hk, d), dtype=acc)
+                if own is not None:
+                    partials.append((b, h, r0, r1, own))
+                jobs.append(functools.partial(_backward_job, arrays, float(scale), tiling, b, h,
+                                              key_tiles, (r0, own), accumulate))
     run_jobs(jobs)
-    for b, h, own in partials:  # fixed order: the same bytes whatever the thread timing
-        if own is not None:
-            group = hq // hk
-            dq[b, :, h * group:(h + 1) * group, :] += own
+    group = hq // hk
+    for b, h, r0, r1, own in partials:  # a fixed order: the same bytes whatever the timing
+        dq[b, r0:r1, h * group:(h + 1) * group, :] += own
     return dq, dk, dv
 
 
@@ -112,48 +114,73 @@ def _thread_count() -> int:
     return 1 if pool is None else pool._max_workers
 
 
-def _key_chunks(row_tiles, key_tiles, bounds, wanted):
-    """Split the key tiles into at most ``wanted`` contiguous runs of similar work.
+class _Tiling:
+    """The row tiles (query positions, with their visible key bounds) and key tiles of
+    one call; a row tile holds up to ``_TILE_ROWS`` (position, head in group) rows."""
 
-    Work is counted in visible (row tile, key tile) pairs weighted by their size,
-    so causal blocks, where late keys see few queries, still balance.
-    """
-    work = np.array([sum((p1 - p0) * (j1 - j0) for (p0, p1), (lo, hi) in zip(row_tiles, bounds)
-                         if _tile_kind(lo, hi, j0, j1) != HIDDEN)
-                     for j0, j1 in key_tiles], dtype=np.float64)
-    wanted = max(1, min(wanted, len(key_tiles)))
-    if wanted == 1 or work.sum() == 0:
-        return [key_tiles]
-    # cut where the running work crosses each multiple of total / wanted
-    cuts = np.searchsorted(np.cumsum(work), work.sum() * np.arange(1, wanted) / wanted) + 1
-    edges = sorted(set([0, *cuts.tolist(), len(key_tiles)]))
-    return [key_tiles[a:z] for a, z in zip(edges[:-1], edges[1:]) if z > a]
+    def __init__(self, q_shape, k_shape, mask, q_offset, k_offset):
+        sq, group, sk = q_shape[1], q_shape[2] // k_shape[2], k_shape[1]
+        step = max(1, _TILE_ROWS // group)
+        self.group = group
+        self.rows = [(p0, min(p0 + step, sq)) for p0 in range(0, sq, step)]
+        self.bounds = [visible_key_range(mask, q_offset, k_offset, p0, p1, sk)[2:]
+                       for p0, p1 in self.rows]
+        self.keys = [(j0, min(j0 + _TILE_KEYS, sk)) for j0 in range(0, sk, _TILE_KEYS)]
+
+    def pairs(self, j0, j1):
+        """(p0, p1, hidden) of every row tile that sees keys [j0, j1); ``hidden`` is the
+        boolean (rows, keys) matrix of a partial tile, None for a full one."""
+        for (p0, p1), (lo, hi) in zip(self.rows, self.bounds):
+            kind = _tile_kind(lo, hi, j0, j1)
+            if kind != HIDDEN:
+                yield p0, p1, None if kind == FULL else _hidden_pairs(lo, hi, j0, j1, self.group)
+
+    def key_chunks(self, wanted):
+        """At most ``wanted`` contiguous runs of key tiles of similar work, each with
+        the span [r0, r1) of query positions it touches.
+
+        Work is counted in visible (row tile, key tile) pairs weighted by their size,
+        so causal blocks, where late keys see few queries, still balance.
+        """
+        seen = [[(p0, p1) for (p0, p1), (lo, hi) in zip(self.rows, self.bounds)
+                 if _tile_kind(lo, hi, j0, j1) != HIDDEN] for j0, j1 in self.keys]
+        work = np.array([sum(p1 - p0 for p0, p1 in rows) * (j1 - j0)
+                         for rows, (j0, j1) in zip(seen, self.keys)], dtype=np.float64)
+        wanted = max(1, min(wanted, len(self.keys)))
+        edges = [0, len(self.keys)]
+        if wanted > 1 and work.sum() > 0:
+            # cut where the running work crosses each multiple of total / wanted
+            cuts = np.searchsorted(np.cumsum(work), work.sum() * np.arange(1, wanted) / wanted)
+            edges = sorted({0, len(self.keys), *(cuts + 1).clip(0, len(self.keys)).tolist()})
+        chunks = []
+        for a, z in zip(edges[:-1], edges[1:]):
+            rows = [r for tile_rows in seen[a:z] for r in tile_rows]
+            span = (min(r[0] for r in rows), max(r[1] for r in rows)) if rows else (0, 0)
+            chunks.append((self.keys[a:z], span))
+        return chunks
 
 
-def _backward_job(dout, q, k, v, lse, delta, grads, scale, b, h, row_tiles, bounds, key_tiles,
-                  own_dq, accumulate):
+def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate):
     """dK, dV of ``key_tiles`` for K/V head h of batch row b, and their dQ contribution.
 
-    dQ goes into ``own_dq`` (shape (Sq, group, D)) when given, else into dq itself.
+    ``own_dq`` is (r0, buffer): dQ of positions [r0, r0 + len(buffer)) goes into the
+    buffer, shape (positions, group, D), when there is one, else into dq itself.
     """
-    dq, dk, dv = grads
-    group = q.shape[2] // k.shape[2]
+    dout, q, k, v, lse, delta, dq, dk, dv = arrays
+    group = tiling.group
     heads = slice(h * group, (h + 1) * group)
     acc = dq.dtype
+    r0, own = own_dq
     for j0, j1 in key_tiles:
         k_tile = _as(k[b, j0:j1, h, :], acc)
         v_tile = _as(v[b, j0:j1, h, :], acc)
         dk_tile = np.zeros(k_tile.shape, dtype=acc)
         dv_tile = np.zeros(v_tile.shape, dtype=acc)
-        for (p0, p1), (lo, hi) in zip(row_tiles, bounds):
-            kind = _tile_kind(lo, hi, j0, j1)
-            if kind == HIDDEN:
-                continue
-            hidden = None if kind == FULL else _hidden_pairs(lo, hi, j0, j1, group)
+        for p0, p1, hidden in tiling.pairs(j0, j1):
             rows = _Rows(dout, q, lse, delta, b, heads, p0, p1, scale, acc)
             dq_rows = _pair_grads(rows, k_tile, v_tile, hidden, dk_tile, dv_tile)
             dq_rows *= scale
-            target = dq[b, p0:p1, heads, :] if own_dq is None else own_dq[p0:p1]
+            target = dq[b, p0:p1, heads, :] if own is None else own[p0 - r0:p1 - r0]
             target += dq_rows.reshape(p1 - p0, group, -1)
         for grad, tile in ((dk, dk_tile), (dv, dv_tile)):
             if accumulate:
