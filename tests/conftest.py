@@ -118,6 +118,49 @@ def plain_attention(q, k, v, *, causal=False, softmax_scale=None,
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
+def plain_attention_backward(dout, q, k, v, *, softmax_scale=None, visible=None):
+    """The plain, unfused single-rank backward in q's dtype: the analogue of
+    :func:`plain_attention` (see the module docstring) for the gradients.
+
+    float16 / bfloat16: every matmul takes dtype inputs, accumulates in float32 and
+    rounds its output to the dtype; softmax and ``dS = P * (dP - delta)`` in float32,
+    with ``delta = rowsum(dout * out)`` of the plain forward's output; P and dS are
+    rounded to the dtype where they enter a matmul. float32 / float64: everything in
+    that dtype. ``visible``: boolean (Sq, Sk) or (B, 1, Sq, Sk), default all.
+    Returns (dq, dk, dv) in q's dtype; dk, dv summed over the heads of a GQA group.
+    """
+    name = np.dtype(q.dtype).name
+    low = name in ("float16", "bfloat16")
+    work = np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
+    rnd = (lambda x: x.astype(q.dtype).astype(work)) if low else (lambda x: x)  # noqa: E731
+    batch, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = work.type(1.0 / np.sqrt(d) if softmax_scale is None else softmax_scale)
+    group = hq // hk
+    qw, dow = (x.astype(work).transpose(0, 2, 1, 3) for x in (q, dout))      # (B, H, Sq, D)
+    kw = np.repeat(k.astype(work), group, axis=2).transpose(0, 2, 1, 3)      # (B, H, Sk, D)
+    vw = np.repeat(v.astype(work), group, axis=2).transpose(0, 2, 1, 3)
+    s = rnd(qw @ kw.swapaxes(-1, -2)) * scale
+    if visible is not None:
+        s = np.where(np.asarray(visible, dtype=bool), s, -np.inf).astype(work)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - np.where(np.isfinite(m), m, 0).astype(work))
+    den = p.sum(axis=-1, keepdims=True)
+    p = np.where(den > 0, p / np.where(den > 0, den, 1), 0).astype(work)
+    out = rnd(rnd(p) @ vw)
+    delta = (dow * out).sum(axis=-1, keepdims=True)
+    dv = rnd(rnd(p).swapaxes(-1, -2) @ dow)
+    ds = rnd(p * (rnd(dow @ vw.swapaxes(-1, -2)) - delta))
+    dq = rnd(ds @ kw) * scale
+    dk = rnd(ds.swapaxes(-1, -2) @ qw) * scale
+
+    def per_kv_head(x):  # (B, Hq, Sk, D) -> (B, Sk, Hk, D), summed over the group
+        return x.transpose(0, 2, 1, 3).reshape(batch, sk, hk, group, d).sum(axis=3)
+
+    return (dq.transpose(0, 2, 1, 3).astype(q.dtype), per_kv_head(dk).astype(q.dtype),
+            per_kv_head(dv).astype(q.dtype))
+
+
 def check_attention(out, q, k, v, *, causal=False, softmax_scale=None, lse=None,
                     q_positions=None, k_positions=None, visible=None):
     """Assert out (and lse) against the float64 reference of the (cast) inputs.

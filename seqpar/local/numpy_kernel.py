@@ -176,8 +176,12 @@ def backward_delta(dout, out):
     return np.einsum("bshd,bshd->bhs", dout.astype(acc, copy=False), out.astype(acc, copy=False))
 
 
-def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
-             dq=None, dk=None, dv=None, accumulate=False):
-    """Gradients of attention over this block of keys; see :mod:`seqpar.local`."""
-    raise NotImplementedError("the NumPy backward is not written yet")
+def backward(dout, q, k, v, lse, delta, **options):
+    """Gradients of attention over this block of keys; see :mod:`seqpar.local`.
 
+    Written in :mod:`seqpar.local.numpy_backward`, which builds on this module's
+    helpers (imported here at call time, so either module may be imported first).
+    """
+    from .numpy_backward import backward as blocked_backward
+
+    return blocked_backward(dout, q, k, v, lse, delta, **options)
