@@ -20,7 +20,7 @@ from mpi4py import MPI
 import seqpar
 from seqpar.layout import local_segments
 
-# relative error vs float64 (DESIGN.md); bfloat16 and float16 on the GPU only
+# relative error vs float64 (README.md, "Numerics")
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
 
