@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-from mpi4py import MPI
-
+from ._mpi import MPI  # first: one clear line where no MPI library loads
 from .validation import resolve_comm
 
 __all__ = ["use_local_device"]
