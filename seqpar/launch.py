@@ -94,9 +94,8 @@ def find_mpiexec(explicit: str | None = None) -> MPIExec:
         if found is None:
             raise LaunchError(f"no mpiexec found on PATH: {INSTALL_HINT}", status=127)
         path = found
-    version = _version_text(found).strip()
-    return MPIExec(path=path, flavor=_flavor(version), options=options,
-                   version=version.splitlines()[0] if version else "unknown")
+    text = _version_text(found)
+    return MPIExec(path=path, flavor=_flavor(text), options=options, version=_summary(text))
 
 
 def slots(environ: Mapping[str, str] | None = None) -> int:
@@ -300,6 +299,18 @@ def _version_text(executable: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return (done.stdout or "") + (done.stderr or "")
+
+
+def _summary(version_text: str) -> str:
+    """One line for people: Hydra's first line is only a heading, its version comes later."""
+    lines = [" ".join(line.split()) for line in version_text.strip().splitlines()]
+    if not lines:
+        return "unknown"
+    if lines[0].startswith("HYDRA build details"):
+        version = next((line.split(":", 1)[1].strip() for line in lines
+                        if line.startswith("Version:")), "?")
+        return f"MPICH Hydra {version}"
+    return lines[0]
 
 
 def _flavor(version_text: str) -> str:

@@ -27,7 +27,7 @@ def info(args) -> int:
         return 0
     levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
               MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
-    library = MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
+    library = " ".join(MPI.Get_library_version().strip("\x00 \n").splitlines()[0].split())
     lines = [f"seqpar {__version__} (Python {sys.version.split()[0]}, {sys.executable})",
              f"numpy {np.__version__}, mpi4py {_version('mpi4py')}",
              f"MPI library: {library}",
