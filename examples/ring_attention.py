@@ -16,6 +16,7 @@ float64 softmax over all keys. Prints throughput and the worst error; exits 1
 if the error is over the float32/float64 tolerance.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -44,6 +45,7 @@ def main():
     parser.add_argument("--transport", default="auto", help="GPU: nccl, cuda-aware or staged")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
+    _warn_if_alone(comm)
     kv_heads = args.kv_heads or args.heads
     xp = np
     if args.gpu:
@@ -109,6 +111,14 @@ def main():
         print(f"  max relative error vs float64 on sampled rows: {worst:.2e} "
               f"({'PASS' if worst <= tolerance else 'FAIL'}, tolerance {tolerance:g})")
     raise SystemExit(0 if worst <= tolerance else 1)
+
+
+def _warn_if_alone(comm):
+    """srun with the wrong --mpi= starts every task as a job of one rank: say so."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    if "SLURM_PROCID" in os.environ and tasks > comm.size and comm.rank == 0:
+        print(f"warning: srun started {tasks} tasks but MPI sees {comm.size} rank(s): srun's "
+              "--mpi= must match the MPI (pmix for Open MPI, pmi2 for MPICH)", file=sys.stderr)
 
 
 def _reference_rows(q_rows, q_positions, k, v, causal):

@@ -32,7 +32,8 @@ def info(args) -> int:
              f"numpy {np.__version__}, mpi4py {_version('mpi4py')}",
              f"MPI library: {library}",
              f"mpiexec: {_mpiexec(library)}",
-             f"ranks: {comm.size}, thread level: {levels.get(MPI.Query_thread(), '?')}",
+             f"ranks: {comm.size}, thread level: {levels.get(MPI.Query_thread(), '?')}"
+             + _srun_mismatch(comm.size),
              f"GPU: {_gpu()}",
              f"CUDA-aware MPI: {_cuda_aware()}",
              f"bfloat16: {_extra('ml_dtypes', 'lowp')}",
@@ -63,6 +64,15 @@ def _mpiexec(library: str) -> str:
         text += (f"; WARNING: mpi4py loads {loaded} but this mpiexec is {found.flavor}: "
                  "each rank would run alone")
     return text
+
+
+def _srun_mismatch(size: int) -> str:
+    """srun with the wrong --mpi= starts every task as a job of one rank."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    if "SLURM_PROCID" in os.environ and tasks > size:
+        return (f"; WARNING: srun started {tasks} tasks but MPI sees {size}: srun's --mpi= must "
+                "match the MPI (pmix for Open MPI, pmi2 for MPICH)")
+    return ""
 
 
 def _gpu() -> str:
