@@ -57,10 +57,10 @@ pytestmark = [
 def _clean_environment() -> dict:
     """This environment less any MPI job's own variables, this Python's bin/ first on PATH.
 
-    A test run under mpiexec carries its rank's OMPI_/PMIX_/PMI_ variables; handed to the
+    A test run under mpiexec carries its rank's OMPI_/PMIX_/PMI_/HYDI_ variables; given to the
     job (sbatch exports the environment) they would make its ranks join the wrong job.
     """
-    mpi_vars = re.compile(r"^(OMPI_|PMIX_|PMI_|PRTE_|HYDRA_|MPIR_|MPI_LOCAL|SLURM_)")
+    mpi_vars = re.compile(r"^(OMPI_|PMIX_|PMI_|PRTE_|HYDRA_|HYDI_|HYD_|MPIR_|MPI_LOCAL|SLURM_)")
     env = {key: value for key, value in os.environ.items() if not mpi_vars.match(key)}
     if os.environ.get("OMPI_ALLOW_RUN_AS_ROOT"):  # the user's own choice, not the job's
         env["OMPI_ALLOW_RUN_AS_ROOT"] = os.environ["OMPI_ALLOW_RUN_AS_ROOT"]
