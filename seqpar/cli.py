@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse would read as options of its own: the launcher parses them.
         from .launch import main as run_main
 
-        return run_main(argv[1:])
+        return run_main(argv[1:], library=_mpi_library())
     args = _parser().parse_args(argv)
     if args.command == "info":
         from .commands.info import info
@@ -51,6 +51,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .commands.bench import bench
 
     return bench(args)
+
+
+def _mpi_library() -> str | None:
+    """The version string of the MPI library mpi4py loads, without initialising MPI."""
+    try:
+        import mpi4py
+
+        if "mpi4py.MPI" not in sys.modules:  # the launcher only asks; it runs no MPI
+            mpi4py.rc.initialize = False
+        from mpi4py import MPI
+
+        return MPI.Get_library_version()
+    except Exception:  # noqa: BLE001 - unknown: the launcher then checks nothing
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:

