@@ -47,7 +47,7 @@ class MPIExec:
     flavor : {"openmpi", "mpich", "other"}
         ``"mpich"`` covers MPICH's Hydra and its derivatives (Intel MPI, MVAPICH).
     version : str
-        The first line of ``mpiexec --version``.
+        What ``mpiexec --version`` says, in one line (e.g. ``MPICH Hydra 4.2.0``).
     options : tuple of str
         Options that come with it (from ``--mpiexec "srun --mpi=pmix"``).
     """
