@@ -1,12 +1,14 @@
 """Progress of a long run, shown by rank 0 only: a tqdm bar on a terminal, plain lines elsewhere.
 
 ``SEQPAR_PROGRESS`` chooses: ``bar`` (tqdm, needs the ``progress`` extra), ``lines``, or
-``off``; by default a bar when tqdm is installed and stderr is a terminal, else lines (which
-read well in batch logs, where a bar's carriage returns do not).
+``off``; by default a bar when tqdm is installed and stderr or stdout is a terminal (Open
+MPI's mpiexec gives ranks a terminal on stdout only; MPICH's on neither), else lines on
+stderr, which read well in batch logs, where a bar's carriage returns do not.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -31,8 +33,8 @@ class Progress:
     comm : mpi4py.MPI.Comm, optional
         Whose rank 0 prints; defaults to ``MPI.COMM_WORLD``.
     stream : file, optional
-        Where progress goes; defaults to ``sys.stderr``. Results given to
-        :meth:`write` go to ``sys.stdout``.
+        Where progress goes; by default the terminal among stderr and stdout, else
+        stderr. Results given to :meth:`write` go to ``sys.stdout``.
 
     Examples
     --------
@@ -48,15 +50,18 @@ class Progress:
 
             comm = MPI.COMM_WORLD
         self.total, self.desc, self.done = total, desc, 0
-        self._stream = sys.stderr if stream is None else stream
         self._start = self._last_line = time.perf_counter()
         self._rank0 = comm.rank == 0
-        self._mode = _mode(self._stream) if self._rank0 else "off"
+        self._mode, self._stream = _choose(stream) if self._rank0 else ("off", stream)
         self._bar = None
         if self._mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, file=self._stream, dynamic_ncols=True)
+            # a terminal lent by mpiexec may report a size of 0 x 0, with which tqdm draws
+            # nothing; shutil then falls back to 80 x 24
+            size = shutil.get_terminal_size()
+            self._bar = tqdm(total=total, desc=desc, file=self._stream, ncols=size.columns,
+                             nrows=size.lines)
 
     def update(self, n: int = 1, note: str = "") -> None:
         """``n`` more steps are done; ``note`` says something about the last one."""
@@ -92,20 +97,23 @@ class Progress:
         self.close()
 
 
-def _mode(stream: TextIO) -> str:
+def _choose(stream: TextIO | None) -> tuple[str, TextIO]:
+    """(mode, stream): "bar", "lines" or "off", and where it is shown."""
     wanted = os.environ.get("SEQPAR_PROGRESS", "").strip().lower()
+    plain = sys.stderr if stream is None else stream
     if wanted in ("0", "off", "no", "false"):
-        return "off"
+        return "off", plain
     try:
         import tqdm  # noqa: F401 - only whether it is there
-        have_tqdm = True
     except ImportError:
-        have_tqdm = False
-    if wanted == "bar":
-        return "bar" if have_tqdm else "lines"
+        return "lines", plain
+    candidates = (sys.stderr, sys.stdout) if stream is None else (stream,)
+    terminal = next((s for s in candidates if _is_terminal(s)), None)
     if wanted == "lines":
-        return "lines"
-    return "bar" if have_tqdm and _is_terminal(stream) else "lines"
+        return "lines", plain
+    if wanted == "bar":
+        return "bar", terminal or plain
+    return ("bar", terminal) if terminal is not None else ("lines", plain)
 
 
 def _is_terminal(stream: TextIO) -> bool:
