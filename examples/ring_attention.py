@@ -2,9 +2,13 @@
 
 Run with any number of ranks, e.g.::
 
-    mpiexec -n 4 python examples/ring_attention.py --seq 32768 --causal
-    mpiexec -n 2 python examples/ring_attention.py --gpu --dtype bfloat16 --seq 131072 \
-        --heads 16 --head-dim 128 --causal     # one GPU per rank (CuPy)
+    python -m seqpar run -n 4 examples/ring_attention.py --seq 32768 --causal
+    python -m seqpar run -n 2 examples/ring_attention.py --gpu --dtype bfloat16 \
+        --seq 131072 --heads 16 --head-dim 128 --causal     # one GPU per rank (CuPy)
+
+``seqpar run`` prints the mpiexec command it runs; by hand that is, e.g.,
+``mpiexec -n 4 python -m mpi4py examples/ring_attention.py --causal`` (``python -m
+mpi4py``: an exception on one rank aborts the job instead of leaving the others waiting).
 
 Each rank builds the same global Q, K, V from one seed, keeps its slice, runs
 seqpar.ring_attention, and checks a sample of its own rows against a plain
@@ -12,15 +16,17 @@ float64 softmax over all keys. Prints throughput and the worst error; exits 1
 if the error is over the float32/float64 tolerance.
 """
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
 
 import seqpar
-from seqpar.layout import local_segments
+from seqpar.progress import Progress
 
-# relative error vs float64 (DESIGN.md); bfloat16 and float16 on the GPU only
+# relative error vs float64 (README.md, "Numerics")
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
 
@@ -39,6 +45,7 @@ def main():
     parser.add_argument("--transport", default="auto", help="GPU: nccl, cuda-aware or staged")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
+    _warn_if_alone(comm)
     kv_heads = args.kv_heads or args.heads
     xp = np
     if args.gpu:
@@ -46,8 +53,13 @@ def main():
 
         seqpar.use_local_device()
     if args.dtype == "bfloat16":
-        import ml_dtypes  # the gpu or lowp extra
-
+        try:
+            import ml_dtypes  # NumPy has no bfloat16 of its own
+        except ImportError:
+            if comm.rank == 0:
+                print('bfloat16 needs ml_dtypes: pip install ml_dtypes (or "seqpar[lowp]")',
+                      file=sys.stderr)
+            raise SystemExit(2) from None
         dtype = ml_dtypes.bfloat16
     else:
         dtype = np.dtype(args.dtype)
@@ -61,19 +73,22 @@ def main():
                                  for x in (q, k, v))
 
     times, stats = [], {}
-    for _ in range(args.repeats):
-        comm.Barrier()
-        start = time.perf_counter()
-        out = seqpar.ring_attention(q_local, k_local, v_local, causal=args.causal,
-                                    layout=args.layout, transport=args.transport, stats=stats)
-        if args.gpu:
-            xp.cuda.get_current_stream().synchronize()
-        times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
+    with Progress(args.repeats, "ring attention", comm=comm) as progress:  # rank 0 shows it
+        for _ in range(args.repeats):
+            comm.Barrier()
+            start = time.perf_counter()
+            out = seqpar.ring_attention(q_local, k_local, v_local, causal=args.causal,
+                                        layout=args.layout, transport=args.transport,
+                                        stats=stats)
+            if args.gpu:
+                xp.cuda.get_current_stream().synchronize()
+            times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
+            progress.update(note=f"{times[-1] * 1e3:.0f} ms")
     best = min(times)
 
-    # check a sample of this rank's rows against float64 over every key
-    positions = np.concatenate([np.arange(s, s + n) for s, n in
-                                local_segments(args.layout, comm.rank, comm.size, q_local.shape[1])])
+    # check a sample of this rank's rows against float64 over every key; the global
+    # positions of this rank's rows are its shard of 0..N-1 in the same layout
+    positions = seqpar.shard(np.arange(args.seq)[None, :], layout=args.layout)[0]
     rows = np.random.default_rng(comm.rank).choice(len(positions), size=min(64, len(positions)),
                                                    replace=False)
     q_host, out_host = (x.get() if args.gpu else x for x in (q_local, out))
@@ -96,6 +111,14 @@ def main():
         print(f"  max relative error vs float64 on sampled rows: {worst:.2e} "
               f"({'PASS' if worst <= tolerance else 'FAIL'}, tolerance {tolerance:g})")
     raise SystemExit(0 if worst <= tolerance else 1)
+
+
+def _warn_if_alone(comm):
+    """srun with the wrong --mpi= starts every task as a job of one rank: say so."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    if "SLURM_PROCID" in os.environ and tasks > comm.size and comm.rank == 0:
+        print(f"warning: srun started {tasks} tasks but MPI sees {comm.size} rank(s): srun's "
+              "--mpi= must match the MPI (pmix for Open MPI, pmi2 for MPICH)", file=sys.stderr)
 
 
 def _reference_rows(q_rows, q_positions, k, v, causal):

@@ -1,4 +1,5 @@
 """seqpar: exact softmax attention over sequences split across MPI ranks."""
+from . import _mpi  # noqa: F401 - first: one clear line where no MPI library loads
 from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard

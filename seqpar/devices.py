@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import os
 
-from mpi4py import MPI
-
+from ._mpi import MPI
 from .comms import resolve_comm
 
 __all__ = ["use_local_device"]

@@ -296,3 +296,48 @@ def _hang_guard():
     faulthandler.dump_traceback_later(_TEST_TIMEOUT_S, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+# --- One report per run: rank 0 prints pytest's output; other ranks print only failures ---
+
+class _FailuresOnly:
+    """The terminal reporter of ranks other than 0: silent, except for what failed.
+
+    Every rank still runs every test and its exit status still fails the job; only the
+    N-fold copies of progress dots and summaries go. SEQPAR_TEST_VERBOSE_RANKS=1 brings
+    them back.
+    """
+
+    def __init__(self, rank: int):
+        self.rank, self.failed = rank, 0
+
+    def _report(self, what: str, report) -> None:
+        self.failed += 1
+        text = report.longreprtext.rstrip()
+        sys.stderr.write(f"\n[rank {self.rank}] {what} {report.nodeid}\n{text}\n")
+        sys.stderr.flush()
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self._report("ERROR collecting", report)
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed:
+            self._report("FAILED" if report.when == "call" else f"ERROR at {report.when}",
+                         report)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.failed:
+            sys.stderr.write(f"[rank {self.rank}] {self.failed} failed\n")
+            sys.stderr.flush()
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal plugin has registered its reporter
+def pytest_configure(config):
+    rank = MPI.COMM_WORLD.rank
+    if rank == 0 or os.environ.get("SEQPAR_TEST_VERBOSE_RANKS", "") not in ("", "0"):
+        return
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        config.pluginmanager.unregister(reporter)
+        config.pluginmanager.register(_FailuresOnly(rank), "seqpar-failures-only")

@@ -1,0 +1,1 @@
+"""The subcommands of ``python -m seqpar``, one module each (see :mod:`seqpar.cli`)."""

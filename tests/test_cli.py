@@ -1,0 +1,156 @@
+"""The command line: check, bench (dtypes, JSON, figure), info, progress, and no MPI at all.
+
+check and bench are collective (marked mpi): every rank runs them, rank 0 prints.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from mpi4py import MPI
+
+from seqpar.cli import main
+from seqpar.progress import Progress
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def shared_folder(comm):
+    """A temporary folder made by rank 0, the same path on every rank."""
+    path = comm.bcast(tempfile.mkdtemp(prefix="seqpar-cli-") if comm.rank == 0 else None)
+    yield path
+    comm.Barrier()
+    if comm.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.mpi
+def test_check_covers_every_strategy(comm, capsys):
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    if comm.rank != 0:
+        assert out == ""
+        return
+    for name in ("attention", "ring/contiguous", "ring/zigzag", "kv_sharded"):
+        assert f"ok   {name} " in out
+    if 8 % comm.size == 0:
+        assert "ok   ulysses " in out
+    else:
+        assert f"skip ulysses: its 8 query and 4 K/V heads do not divide by {comm.size}" in out
+    assert "FAIL" not in out
+    assert out.rstrip().splitlines()[-1].endswith(" passed, 0 failed")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+def test_bench_every_dtype_writes_json(comm, shared_folder, capsys, dtype):
+    if dtype == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    path = os.path.join(shared_folder, "bench.json")
+    seq = 16 * comm.size
+    argv = ["bench", "--seq", f"{seq},{2 * seq}", "--heads", "2", "--head-dim", "16",
+            "--dtype", dtype, "--repeats", "2", "--causal", "--json", path]
+    assert main(argv) == 0
+    if comm.rank == 0:
+        with open(path) as saved:
+            records = json.load(saved)["records"]
+        assert [r["seq"] for r in records] == [seq, 2 * seq]
+        for r in records:
+            assert (r["ranks"], r["dtype"], r["causal"], len(r["times_s"])) == \
+                (comm.size, dtype, True, 2)
+            assert r["median_s"] > 0 and r["tflops"] > 0
+        assert f"N={2 * seq} " in capsys.readouterr().out
+    # a second run at other settings keeps the first run's records (a scaling study)
+    assert main(argv[:-3] + ["--json", path]) == 0  # not causal
+    if comm.rank == 0:
+        with open(path) as saved:
+            assert len(json.load(saved)["records"]) == 4
+
+
+@pytest.mark.mpi
+def test_bench_plot_sweeps_n(comm, shared_folder):
+    pytest.importorskip("matplotlib")
+    figure = os.path.join(shared_folder, "bench.png")
+    data = os.path.join(shared_folder, "bench.json")
+    seq = 64 * comm.size
+    assert main(["bench", "--seq", str(seq), "--heads", "1", "--head-dim", "8",
+                 "--repeats", "1", "--plot", figure, "--json", data]) == 0
+    if comm.rank == 0:
+        with open(figure, "rb") as image:
+            assert image.read(8) == b"\x89PNG\r\n\x1a\n"
+        with open(data) as saved:  # N/8, N/4, N/2, N where they split into 2P chunks
+            assert [r["seq"] for r in json.load(saved)["records"]] == \
+                [seq // 8, seq // 4, seq // 2, seq]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "7"], "does not split into"), (["--seq", "x"], "integers"),
+    (["--repeats", "0"], "at least 1")])
+def test_bench_bad_options_stop_every_rank(comm, capsys, argv, message):
+    assert main(["bench", *argv]) == 2
+    out = capsys.readouterr().out
+    assert (message in out) if comm.rank == 0 else out == ""
+
+
+@pytest.mark.mpi
+def test_info(comm, capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    if comm.rank == 0:
+        assert f"ranks: {comm.size}" in out and "MPI library: " in out and "mpiexec: " in out
+        assert "WARNING" not in out  # mpiexec and mpi4py's library are the same MPI
+
+
+def test_help_of_every_subcommand(capsys):
+    for command in ("info", "check", "bench"):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert "examples:" in out and "python -m seqpar" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "-n N" in capsys.readouterr().out
+
+
+def test_without_an_mpi_library_info_says_so_in_one_line():
+    # mpi4py loads the library named by MPI4PY_LIBMPI: a missing one is no MPI at all
+    env = dict(os.environ, MPI4PY_LIBMPI=os.path.join(REPO, "no-such-libmpi.so"))
+    done = subprocess.run([sys.executable, "-m", "seqpar", "info"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("seqpar: no MPI library could be loaded")
+    assert 'pip install "seqpar[mpi]"' in done.stderr and "pip install mpich" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["lines", "off"])
+def test_progress_on_rank_0_only(monkeypatch, capsys, mode):
+    monkeypatch.setenv("SEQPAR_PROGRESS", mode)
+    for comm in (MPI.COMM_SELF, _Rank1()):
+        stream = io.StringIO()
+        with Progress(3, "work", comm=comm, stream=stream) as progress:
+            for step in range(3):
+                progress.update(note=f"step {step}")
+            progress.write("result")
+        shown = stream.getvalue()
+        if comm.rank == 0 and mode == "lines":
+            assert shown.rstrip().splitlines()[-1].startswith("work: 3/3 (")
+            assert shown.rstrip().endswith("step 2")
+        else:
+            assert shown == ""
+        assert capsys.readouterr().out == ("result\n" if comm.rank == 0 else "")
+
+
+class _Rank1:
+    """Stands in for a communicator on which this process is rank 1."""
+    rank = 1
