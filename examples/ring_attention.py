@@ -10,10 +10,11 @@ Run with any number of ranks, e.g.::
 ``mpiexec -n 4 python -m mpi4py examples/ring_attention.py --causal`` (``python -m
 mpi4py``: an exception on one rank aborts the job instead of leaving the others waiting).
 
-Each rank builds the same global Q, K, V from one seed, keeps its slice, runs
-seqpar.ring_attention, and checks a sample of its own rows against a plain
-float64 softmax over all keys. Prints throughput and the worst error; exits 1
-if the error is over the float32/float64 tolerance.
+Each rank makes only its own tokens' Q, K, V (the sequence is defined chunk by chunk
+from seeds, as a file would be read by rank: ``seqpar.local_indices`` gives the global
+positions a rank holds), runs seqpar.ring_attention, and checks a sample of its own
+rows against a plain float64 softmax over all keys, streaming the keys chunk by chunk.
+Prints throughput and the worst error; exits 1 if the error is over the tolerance.
 """
 import argparse
 import os
@@ -64,13 +65,11 @@ def main():
     else:
         dtype = np.dtype(args.dtype)
 
-    rng = np.random.default_rng(2026)
-    shape = (1, args.seq, args.heads, args.head_dim)
-    kv_shape = (1, args.seq, kv_heads, args.head_dim)
-    q, k, v = (rng.standard_normal(s, dtype=np.float32).astype(dtype)
-               for s in (shape, kv_shape, kv_shape))
-    q_local, k_local, v_local = (xp.asarray(seqpar.shard(x, layout=args.layout))
-                                 for x in (q, k, v))
+    # only this rank's tokens are ever made: rows of the global sequence at `positions`
+    positions = seqpar.local_indices(args.seq, layout=args.layout)
+    sequence = Sequence(args.heads, kv_heads, args.head_dim)
+    q_local, k_local, v_local = (xp.asarray(sequence.rows(name, positions).astype(dtype)[None])
+                                 for name in ("q", "k", "v"))
 
     times, stats = [], {}
     with Progress(args.repeats, "ring attention", comm=comm) as progress:  # rank 0 shows it
@@ -86,13 +85,11 @@ def main():
             progress.update(note=f"{times[-1] * 1e3:.0f} ms")
     best = min(times)
 
-    # check a sample of this rank's rows against float64 over every key; the global
-    # positions of this rank's rows are its shard of 0..N-1 in the same layout
-    positions = seqpar.shard(np.arange(args.seq)[None, :], layout=args.layout)[0]
+    # check a sample of this rank's rows against float64 over every key
     rows = np.random.default_rng(comm.rank).choice(len(positions), size=min(64, len(positions)),
                                                    replace=False)
     q_host, out_host = (x.get() if args.gpu else x for x in (q_local, out))
-    ref = _reference_rows(q_host[0, rows], positions[rows], k[0], v[0], args.causal)
+    ref = sequence.reference(q_host[0, rows], positions[rows], args.seq, args.causal, dtype)
     err = np.linalg.norm(out_host[0, rows].astype(np.float64) - ref) / np.linalg.norm(ref)
     worst = comm.allreduce(err, op=MPI.MAX)
 
@@ -107,7 +104,7 @@ def main():
               f"{flops / best / 1e9:.1f} GFLOP/s in all, "
               f"{flops / best / 1e9 / comm.size:.1f} GFLOP/s per rank")
         print(f"  K/V per rank {2 * k_local.nbytes / 2**20:.1f} MiB "
-              f"(global {2 * k.nbytes / 2**20:.1f} MiB)")
+              f"(global {2 * k_local.nbytes * args.seq / max(1, len(positions)) / 2**20:.1f} MiB)")
         print(f"  max relative error vs float64 on sampled rows: {worst:.2e} "
               f"({'PASS' if worst <= tolerance else 'FAIL'}, tolerance {tolerance:g})")
     raise SystemExit(0 if worst <= tolerance else 1)
@@ -121,17 +118,52 @@ def _warn_if_alone(comm):
               "--mpi= must match the MPI (pmix for Open MPI, pmi2 for MPICH)", file=sys.stderr)
 
 
-def _reference_rows(q_rows, q_positions, k, v, causal):
-    """Plain float64 softmax attention of some query rows over all keys."""
-    heads, kv_heads, d = q_rows.shape[1], k.shape[1], q_rows.shape[2]
-    k = np.repeat(k.astype(np.float64), heads // kv_heads, axis=1)
-    v = np.repeat(v.astype(np.float64), heads // kv_heads, axis=1)
-    scores = np.einsum("ihd,jhd->hij", q_rows.astype(np.float64), k) / np.sqrt(d)
-    if causal:
-        scores[:, np.arange(k.shape[0])[None, :] > q_positions[:, None]] = -np.inf
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    weights /= weights.sum(axis=-1, keepdims=True)
-    return np.einsum("hij,jhd->ihd", weights, v)
+class Sequence:
+    """A random global sequence defined chunk by chunk, so any rank can make any rows."""
+
+    chunk = 4096
+
+    def __init__(self, heads, kv_heads, head_dim, seed=2026):
+        self.heads = {"q": heads, "k": kv_heads, "v": kv_heads}
+        self.head_dim, self.seed = head_dim, seed
+
+    def chunk_of(self, name, c):
+        rng = np.random.default_rng([self.seed, "qkv".index(name), c])
+        return rng.standard_normal((self.chunk, self.heads[name], self.head_dim),
+                                   dtype=np.float32)
+
+    def rows(self, name, positions):
+        """Rows at these global positions, (len, heads, head_dim) float32."""
+        out = np.empty((len(positions), self.heads[name], self.head_dim), np.float32)
+        chunks = positions // self.chunk
+        for c in np.unique(chunks):
+            take = chunks == c
+            out[take] = self.chunk_of(name, c)[positions[take] - c * self.chunk]
+        return out
+
+    def reference(self, q_rows, q_positions, n, causal, dtype):
+        """Plain float64 softmax attention of some query rows over all n keys, the keys
+        streamed chunk by chunk (rounded to ``dtype`` as the inputs were)."""
+        q = q_rows.astype(np.float64)
+        group = self.heads["q"] // self.heads["k"]
+        m = np.full((q.shape[1], q.shape[0]), -np.inf)
+        s = np.zeros_like(m)
+        o = np.zeros(q.shape)
+        for c in range(-(-n // self.chunk)):
+            keys = np.arange(c * self.chunk, min(n, (c + 1) * self.chunk))
+            k, v = (np.repeat(self.chunk_of(name, c)[:len(keys)].astype(dtype).astype(
+                np.float64), group, axis=1) for name in ("k", "v"))
+            scores = np.einsum("ihd,jhd->hij", q, k) / np.sqrt(q.shape[-1])
+            if causal:
+                scores[:, keys[None, :] > q_positions[:, None]] = -np.inf
+            new = np.maximum(m, scores.max(axis=-1))
+            safe = np.where(np.isfinite(new), new, 0)
+            p = np.exp(scores - safe[..., None])
+            scale = np.exp(m - safe)
+            s = s * scale + p.sum(axis=-1)
+            o = o * scale.T[..., None] + np.einsum("hij,jhd->ihd", p, v)
+            m = new
+        return o / s.T[..., None]
 
 
 if __name__ == "__main__":
