@@ -7,115 +7,23 @@
 //
 // Layout (both): q (B, Sq, Hq, D), k/v (B, Sk, Hk, D), element strides passed
 // for batch / seq / head, the last axis contiguous.  Query head h reads kv head
-// h / (Hq / Hk).  Causal: key j hidden from query i iff j > i + delta, with
-// delta = q_offset - k_offset (global positions).  lse is natural log, float32.
-// accumulate != 0: out/lse hold a normalised partial result, merged in place by
-// the log-sum-exp identity; rows that see no key are left unchanged.
-// No header is included on purpose: 16-bit values are handled as raw bits
-// (unsigned short) and converted with PTX, so NVRTC needs no CUDA headers.
+// h / (Hq / Hk).  MASK: each row sees the key interval of kernels/mask.cuh (causal,
+// window, documents by global position), and key_len (per batch row, or null) hides
+// keys at index >= key_len[b]; without MASK every key is visible.  lse is natural log, double (the carry between
+// merges).  accumulate != 0: out/lse hold a normalised partial result, merged in
+// place by kernels/merge.cuh; rows that see no key are left unchanged.
+// The Python loader inlines the #include lines (no CUDA headers are used).
 
-#define DEVI __device__ __forceinline__
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-
-#define SP_NEG_INF (__int_as_float(0xff800000))
-#define SP_LN2 0.69314718055994530942f
-
-DEVI u32 smem_u32(const void* p) {
-  u32 r;
-  asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }\n"
-               : "=r"(r) : "l"(p));
-  return r;
-}
-
-// 16-byte async copy global -> shared; zero-fills when !pred (no bytes read).
-DEVI void cp_async16(u32 dst, const void* src, bool pred) {
-  int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(dst), "l"(src), "r"(n) : "memory");
-}
-DEVI void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> DEVI void cp_wait() {
-  asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
-
-DEVI void ldsm_x4(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-DEVI void ldsm_x4_t(u32 a, u32& r0, u32& r1, u32& r2, u32& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(a));
-}
-
-template <bool BF16>
-DEVI void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-  if constexpr (BF16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// (lo, hi) floats -> packed 16-bit pair, round to nearest even.
-template <bool BF16>
-DEVI u32 pack2(float lo, float hi) {
-  u32 r;
-  if constexpr (BF16) {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  }
-  return r;
-}
-
-template <bool BF16>
-DEVI void unpack2(u32 x, float& lo, float& hi) {
-  if constexpr (BF16) {
-    lo = __uint_as_float(x << 16);
-    hi = __uint_as_float(x & 0xffff0000u);
-  } else {
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\n"
-        : "=f"(lo), "=f"(hi) : "r"(x));
-  }
-}
-
-DEVI float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Merge helper: given this block's (lse_new, has) and the stored lse_old,
-// returns weights for the old output and for this block's unnormalised acc.
-DEVI void merge_weights(float lse_old, float lse_new, float inv_l, float& w_old,
-                        float& w_new, float& lse_out) {
-  if (lse_old == SP_NEG_INF) {
-    w_old = 0.f;
-    w_new = inv_l;
-    lse_out = lse_new;
-  } else {
-    float mx = fmaxf(lse_old, lse_new);
-    float d = lse_old - lse_new;
-    lse_out = mx + log1pf(expf(-fabsf(d)));
-    w_old = expf(lse_old - lse_out);
-    w_new = expf(lse_new - lse_out) * inv_l;
-  }
-}
+#include "common.cuh"
+#include "mask.cuh"
+#include "merge.cuh"
 
 // Block -> (query block, batch*head).  grid: x = query block, y = batch*head.
-// Causal: blocks are renumbered so that the heaviest query blocks of every
-// head start first (longest first over the whole grid: no big block is left
-// to start last, which otherwise costs a long tail).
-DEVI void block_coords(int causal, int& mb, int& bh) {
-  if (causal) {
+// Masked: blocks are renumbered so that the query blocks that are heaviest under
+// a causal mask (the last ones) of every head start first: longest first over the
+// whole grid, so no big block is left to start last, which would cost a long tail.
+DEVI void block_coords(bool longest_first, int& mb, int& bh) {
+  if (longest_first) {
     const int lin = blockIdx.x + gridDim.x * blockIdx.y;
     const int step = lin / gridDim.y;
     mb = gridDim.x - 1 - step;
@@ -133,17 +41,19 @@ DEVI void block_coords(int causal, int& mb, int& bh) {
 // shared memory with ldmatrix each tile).  MINB: blocks per SM asked of the
 // register allocator.  Shared rows padded by 16 bytes: ldmatrix conflict-free.
 // ---------------------------------------------------------------------------
-template <int D, int NW, int MT, int BN, int ST, bool BF16, int MINB, bool QREG>
+template <int D, int NW, int MT, int BN, int ST, bool BF16, int MINB, bool QREG, bool MASK>
 __global__ void __launch_bounds__(NW * 32, MINB)
 flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
               const u16* __restrict__ V, void* __restrict__ Out,
-              float* __restrict__ Lse, int Sq, int Sk, int Hq, int Hk,
+              double* __restrict__ Lse, int Sq, int Sk, int Hq, int Hk,
               long long qsb, long long qss, long long qsh,
               long long ksb, long long kss, long long ksh,
               long long vsb, long long vss, long long vsh,
               long long osb, long long oss, long long osh,
               long long lsb, long long lsh,
-              float sl2, int causal, int delta, int accumulate, int out_f32) {
+              float sl2, const int* __restrict__ key_len, long long q_off, long long k_off,
+              long long left, long long right, const long long* __restrict__ docs, int ndocs,
+              int accumulate, int out_f32) {
   static_assert(D % 16 == 0 && BN % 16 == 0, "tile shape");
   constexpr int WM = 16 * MT;  // rows per warp
   constexpr int BM = WM * NW;
@@ -163,10 +73,10 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
   const int lane = tid & 31;
   const int warp = tid >> 5;
   int mb, bh;
-  block_coords(causal, mb, bh);
+  block_coords(MASK, mb, bh);
   const int m0 = mb * BM;
-  const int w0 = m0 + warp * WM;  // first row of this warp
   const u16 *Qb, *Kb, *Vb;
+  int Skb = Sk;  // keys of this batch row
   {
     const int b = bh / Hq;
     const int h = bh - b * Hq;
@@ -174,14 +84,24 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
     Qb = Q + b * qsb + h * qsh;
     Kb = K + b * ksb + hk * ksh;
     Vb = V + b * vsb + hk * vsh;
+    if constexpr (MASK) {  // key lengths come with the masked variant only
+      if (key_len != nullptr) Skb = max(0, min(Sk, key_len[b]));
+    }
   }
 
-  int n_end = Sk;
-  if (causal) {
-    long long lim = (long long)(m0 + BM < Sq ? m0 + BM : Sq) + delta;  // last row + delta + 1
-    if (lim < n_end) n_end = lim < 0 ? 0 : (int)lim;
+  // visible key interval of each row (local indices), from the mask rule
+  __shared__ int s_lo[MASK ? BM : 1], s_hi[MASK ? BM : 1];
+  int n_begin = 0, n_end = Skb;
+  if constexpr (MASK) {
+    const MaskArgs margs{q_off, k_off, left, right, docs, ndocs};
+    fill_row_bounds(s_lo, s_hi, margs, m0, BM, Sq, Skb);
+    __syncthreads();
+    n_begin = s_lo[0];
+    n_end = min(Skb, s_hi[BM - 1] + 1);
   }
-  const int ntiles = (n_end + BN - 1) / BN;
+  const int t_first = n_begin / BN;
+  const int t_last = (n_end - 1) / BN;  // tiles are visited from the last to the first
+  const int ntiles = n_end > n_begin ? t_last - t_first + 1 : 0;
 
   // Q tile -> shared (rows past Sq zero-filled)
 #pragma unroll
@@ -201,7 +121,7 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
     for (int c = tid; c < BN * CH; c += NT) {
       int r = c / CH, cc = c - r * CH;
       int gr = n0 + r;
-      bool p = gr < Sk;
+      bool p = gr < Skb;
       long long gro = (long long)(p ? gr : 0);
       cp_async16(smem_u32(dk + r * LD + cc * 8), Kb + gro * kss + cc * 8, p);
       cp_async16(smem_u32(dv + r * LD + cc * 8), Vb + gro * vss + cc * 8, p);
@@ -211,7 +131,7 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
   // prologue: tiles are visited from the last (masked) to the first
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
-    if (s < ntiles) load_kv(ntiles - 1 - s, s);
+    if (s < ntiles) load_kv(t_last - s, s);
     cp_commit();
   }
 
@@ -245,7 +165,7 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
   }
 
   for (int it = 0; it < ntiles; ++it) {
-    const int tile = ntiles - 1 - it;
+    const int tile = t_last - it;
     const int stage = it % ST;
     // tile `it` has landed once all but the ST-2 newest groups are done; the
     // barrier also means every warp has finished tile it-1, whose stage the
@@ -254,7 +174,7 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
     __syncthreads();
     {
       int nt = it + ST - 1;
-      if (nt < ntiles) load_kv(ntiles - 1 - nt, nt % ST);
+      if (nt < ntiles) load_kv(t_last - nt, nt % ST);
       cp_commit();
     }
 
@@ -290,17 +210,24 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
     }
 
     const int n0 = tile * BN;
-    if (n0 + BN > Sk || (causal && n0 + BN - 1 > w0 + delta)) {
+    // warp-uniform: the tail of the keys, or a tile the mask cuts for this warp's rows
+    if (n0 + BN > Skb ||
+        (MASK && tile_partial(s_lo, s_hi, warp * WM, warp * WM + WM - 1, n0, n0 + BN))) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int j = 0; j < NSB; ++j)
+        for (int c2 = 0; c2 < 2; ++c2) {
+          const int lr = warp * WM + mt * 16 + g + c2 * 8;  // local row
+          const int lo = MASK ? s_lo[lr] : 0;
+          const int hi = MASK ? s_hi[lr] : Skb - 1;
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            int key = n0 + j * 8 + 2 * tq + (c & 1);
-            int row = w0 + mt * 16 + g + (c >> 1) * 8;
-            if (key >= Sk || (causal && key > row + delta)) s[mt][j][c] = SP_NEG_INF;
-          }
+          for (int j = 0; j < NSB; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              const int key = n0 + j * 8 + 2 * tq + c;
+              if (key >= Skb || key < lo || key > hi) s[mt][j][2 * c2 + c] = SP_NEG_INF;
+            }
+        }
     }
 
     // online softmax, base 2 with the scale folded in
@@ -374,12 +301,13 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
   int b, h;
   {
     int mb2, bh2;
-    block_coords(causal, mb2, bh2);
+    block_coords(MASK, mb2, bh2);
     b = bh2 / Hq;
     h = bh2 - b * Hq;
   }
-  float lse_old[MT][2];
-  float* lp[MT][2];
+  const int w0 = m0 + warp * WM;  // first row of this warp
+  double lse_old[MT][2];
+  double* lp[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -388,7 +316,7 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
       lrow[mt][r] += __shfl_xor_sync(0xffffffffu, lrow[mt][r], 2);
       int row = w0 + mt * 16 + g + r * 8;
       lp[mt][r] = Lse + b * lsb + h * lsh + (row < Sq ? row : 0);
-      lse_old[mt][r] = (accumulate && row < Sq) ? *lp[mt][r] : SP_NEG_INF;
+      lse_old[mt][r] = (accumulate && row < Sq) ? *lp[mt][r] : (double)SP_NEG_INF;
     }
   __syncwarp();
 #pragma unroll
@@ -399,10 +327,11 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
       if (row >= Sq) continue;
       const float l = lrow[mt][r];
       const bool has = l > 0.f;
-      const float lse_new = has ? (mrow[mt][r] * SP_LN2 + logf(l)) : SP_NEG_INF;
+      const double lse_new = has ? lse_of(mrow[mt][r], l) : (double)SP_NEG_INF;
       const float inv = has ? 1.f / l : 0.f;
       if (accumulate && !has) continue;  // nothing seen: leave the partial alone
-      float w_old = 0.f, w_new = inv, lse_out = lse_new;
+      float w_old = 0.f, w_new = inv;
+      double lse_out = lse_new;
       if (accumulate) merge_weights(lse_old[mt][r], lse_new, inv, w_old, w_new, lse_out);
       const long long obase = b * osb + (long long)row * oss + h * osh;
       if (out_f32) {
@@ -442,17 +371,19 @@ flash_fwd_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
 // 16 query rows per block (4 per warp), 32-key tiles: lane j scores key j,
 // then each lane accumulates D/32 output columns.
 // ---------------------------------------------------------------------------
-template <int D>
+template <int D, bool MASK>
 __global__ void __launch_bounds__(128)
 attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
              const float* __restrict__ V, float* __restrict__ Out,
-             float* __restrict__ Lse, int Sq, int Sk, int Hq, int Hk,
+             double* __restrict__ Lse, int Sq, int Sk, int Hq, int Hk,
              long long qsb, long long qss, long long qsh,
              long long ksb, long long kss, long long ksh,
              long long vsb, long long vss, long long vsh,
              long long osb, long long oss, long long osh,
              long long lsb, long long lsh,
-             float sl2, int causal, int delta, int accumulate, int out_f32) {
+             float sl2, const int* __restrict__ key_len, long long q_off, long long k_off,
+             long long left, long long right, const long long* __restrict__ docs, int ndocs,
+             int accumulate, int out_f32) {
   static_assert(D % 32 == 0, "head dim");
   constexpr int BM = 16, BN = 32, RPW = 4, DP = D / 32, KLD = D + 1;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -462,7 +393,7 @@ attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int mb, bh;
-  block_coords(causal, mb, bh);
+  block_coords(MASK, mb, bh);
   const int b = bh / Hq;
   const int h = bh - b * Hq;
   const int hk = h / (Hq / Hk);
@@ -470,13 +401,19 @@ attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
   const float* Qb = Q + b * qsb + h * qsh;
   const float* Kb = K + b * ksb + hk * ksh;
   const float* Vb = V + b * vsb + hk * vsh;
+  const int Skb = (MASK && key_len != nullptr) ? max(0, min(Sk, key_len[b])) : Sk;
 
-  int n_end = Sk;
-  if (causal) {
-    long long lim = (long long)(m0 + BM < Sq ? m0 + BM : Sq) + delta;
-    if (lim < n_end) n_end = lim < 0 ? 0 : (int)lim;
+  __shared__ int s_lo[MASK ? BM : 1], s_hi[MASK ? BM : 1];
+  int n_begin = 0, n_end = Skb;
+  if constexpr (MASK) {
+    const MaskArgs margs{q_off, k_off, left, right, docs, ndocs};
+    fill_row_bounds(s_lo, s_hi, margs, m0, BM, Sq, Skb);
+    __syncthreads();
+    n_begin = s_lo[0];
+    n_end = min(Skb, s_hi[BM - 1] + 1);
   }
-  const int ntiles = (n_end + BN - 1) / BN;
+  const int t_first = n_begin / BN;
+  const int t_last = n_end > n_begin ? (n_end - 1) / BN : t_first - 1;
 
   for (int i = tid; i < BM * D; i += 128) {
     int r = i / D, c = i - r * D;
@@ -494,13 +431,13 @@ attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
     for (int dd = 0; dd < DP; ++dd) o[rr][dd] = 0.f;
   }
 
-  for (int tile = ntiles - 1; tile >= 0; --tile) {
+  for (int tile = t_last; tile >= t_first; --tile) {
     const int n0 = tile * BN;
     __syncthreads();
     for (int i = tid; i < BN * D; i += 128) {
       int r = i / D, c = i - r * D;
       int gr = n0 + r;
-      bool p = gr < Sk;
+      bool p = gr < Skb;
       sK[r * KLD + c] = p ? Kb[(long long)gr * kss + c] : 0.f;
       sV[i] = p ? Vb[(long long)gr * vss + c] : 0.f;
     }
@@ -514,7 +451,7 @@ attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
       for (int d = 0; d < D; ++d) s = fmaf(sQ[r * D + d], sK[lane * KLD + d], s);
       const int key = n0 + lane;
       s *= sl2;
-      if (key >= Sk || (causal && key > row + delta)) s = SP_NEG_INF;
+      if (key >= Skb || (MASK && (key < s_lo[r] || key > s_hi[r]))) s = SP_NEG_INF;
       float mx = s;
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -541,16 +478,17 @@ attn_fwd_f32(const float* __restrict__ Q, const float* __restrict__ K,
 #pragma unroll
   for (int rr = 0; rr < RPW; ++rr) {
     const int row = m0 + warp * RPW + rr;
-    float* lp = Lse + b * lsb + h * lsh + (row < Sq ? row : 0);
-    float lse_old = SP_NEG_INF;
+    double* lp = Lse + b * lsb + h * lsh + (row < Sq ? row : 0);
+    double lse_old = SP_NEG_INF;
     if (accumulate && row < Sq) lse_old = *lp;
     __syncwarp();
     if (row >= Sq) continue;
     const bool has = l[rr] > 0.f;
-    const float lse_new = has ? (m[rr] * SP_LN2 + logf(l[rr])) : SP_NEG_INF;
+    const double lse_new = has ? lse_of(m[rr], l[rr]) : (double)SP_NEG_INF;
     const float inv = has ? 1.f / l[rr] : 0.f;
     if (accumulate && !has) continue;
-    float w_old = 0.f, w_new = inv, lse_out = lse_new;
+    float w_old = 0.f, w_new = inv;
+    double lse_out = lse_new;
     if (accumulate) merge_weights(lse_old, lse_new, inv, w_old, w_new, lse_out);
     float* op = Out + b * osb + (long long)row * oss + h * osh;
 #pragma unroll

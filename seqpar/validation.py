@@ -276,4 +276,10 @@ def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
     if lse.dtype.name not in ("float32", "float64"):
         raise TypeError(f"lse must be float32 or float64 (as the forward returns it), "
                         f"got {lse.dtype.name}")
+    from ._arrays import array_module
+    from .local import kernel_for
+
+    if not hasattr(kernel_for(array_module(q)), "backward"):
+        raise TypeError(f"q: this build has no backward kernel for {type(q).__module__} "
+                        "arrays")
     return settings

@@ -26,6 +26,7 @@ cupy, _ = require_gpu()
 from reference import reference_attention, relative_error  # noqa: E402
 
 from seqpar.local import cupy_kernel  # noqa: E402
+from seqpar.masks import Mask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -74,6 +75,13 @@ def _plain(q, k, v, dtype, scale, causal, qpos, kpos, out_dtype):
     p = np.where(den > 0, p / np.where(den > 0, den, 1), 0).astype(np.float32)
     out = np.einsum("bhij,bjhd->bihd", rnd(p), v32)
     return rnd(out, out_dtype)
+
+
+CAUSAL = Mask(causal=True)
+
+
+def _mask(causal):
+    return CAUSAL if causal else None
 
 
 def _poisoned(shape, dtype):
@@ -127,9 +135,9 @@ def test_forward_matrix(dtype_name, d, causal, group):
     scale = 1.0 / math.sqrt(d)
     q_off = sk - sq  # causal: bottom-right aligned, every row sees a key
     out = _poisoned((b, sq, hq, d), dtype)
-    lse = _poisoned((b, hq, sq), np.float32)
+    lse = _poisoned((b, hq, sq), np.float64)
     cupy_kernel.forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), scale=scale,
-                        causal=causal, q_offset=q_off, out=out, lse=lse)
+                        mask=_mask(causal), q_offset=q_off, out=out, lse=lse)
     _check(out, lse, q, k, v, dtype_name, scale=scale, causal=causal, q_offset=q_off)
 
 
@@ -148,14 +156,14 @@ def test_causal_offsets(dtype_name, d, sq, sk, q_off, k_off):
     q, k, v = _inputs(rng, dtype, 1, sq, sk, 4, 2, d)
     scale = 0.7 / math.sqrt(d)
     out = _poisoned(q.shape, dtype)
-    lse = _poisoned((1, 4, sq), np.float32)
+    lse = _poisoned((1, 4, sq), np.float64)
     if sq + q_off <= k_off:  # everything hidden: reference would be all zero
         cupy_kernel.forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), scale=scale,
-                            causal=True, q_offset=q_off, k_offset=k_off, out=out, lse=lse)
+                            mask=CAUSAL, q_offset=q_off, k_offset=k_off, out=out, lse=lse)
         assert bool((out == 0).all()) and bool((lse == -np.inf).all())
         return
     cupy_kernel.forward(cupy.asarray(q), cupy.asarray(k), cupy.asarray(v), scale=scale,
-                        causal=True, q_offset=q_off, k_offset=k_off, out=out, lse=lse)
+                        mask=CAUSAL, q_offset=q_off, k_offset=k_off, out=out, lse=lse)
     _check(out, lse, q, k, v, dtype_name, scale=scale, causal=True,
            q_offset=q_off, k_offset=k_off)
 
@@ -178,11 +186,11 @@ def test_accumulate_blocks(dtype_name, d, causal, out_f32):
     bounds = [(100, 151), (0, 57), (57, 100)]
     out_dtype = np.float32 if out_f32 else dtype
     out = _poisoned(q.shape, out_dtype)
-    lse = _poisoned((2, hq, sq), np.float32)
+    lse = _poisoned((2, hq, sq), np.float64)
     qd = cupy.asarray(q)
     for i, (lo, hi) in enumerate(bounds):
         cupy_kernel.forward(qd, cupy.asarray(k[:, lo:hi]), cupy.asarray(v[:, lo:hi]),
-                            scale=scale, causal=causal, q_offset=q_off, k_offset=lo,
+                            scale=scale, mask=_mask(causal), q_offset=q_off, k_offset=lo,
                             out=out, lse=lse, accumulate=i > 0)
     if out_f32 or dtype_name == "float32":
         _check(out, lse, q, k, v, dtype_name, scale=scale, causal=causal, q_offset=q_off,
@@ -203,11 +211,11 @@ def test_accumulate_dead_block_leaves_rows(dtype_name):
     rng = np.random.default_rng(11)
     q, k, v = _inputs(rng, dtype, 1, 50, 80, 4, 4, 64)
     qd, kd, vd = (cupy.asarray(x) for x in (q, k, v))
-    out, lse = cupy_kernel.forward(qd, kd[:, :40], vd[:, :40], scale=0.125, causal=True,
+    out, lse = cupy_kernel.forward(qd, kd[:, :40], vd[:, :40], scale=0.125, mask=CAUSAL,
                                    q_offset=100, k_offset=0,
                                    out=cupy.empty(q.shape, np.float32))
     before = (out.copy(), lse.copy())
-    cupy_kernel.forward(qd, kd[:, 40:], vd[:, 40:], scale=0.125, causal=True, q_offset=100,
+    cupy_kernel.forward(qd, kd[:, 40:], vd[:, 40:], scale=0.125, mask=CAUSAL, q_offset=100,
                         k_offset=1000, out=out, lse=lse, accumulate=True)
     assert bool((out == before[0]).all()) and bool((lse == before[1]).all())
 
@@ -225,9 +233,9 @@ def test_strided_views(dtype_name, d):
     assert not q.flags.c_contiguous
     big = _poisoned((b, s, 2, h, d), dtype)
     out = big[:, :, 1]
-    lse = _poisoned((b, h, s), np.float32)
+    lse = _poisoned((b, h, s), np.float64)
     scale = 1.0 / math.sqrt(d)
-    cupy_kernel.forward(q, k, v, scale=scale, causal=True, out=out, lse=lse)
+    cupy_kernel.forward(q, k, v, scale=scale, mask=CAUSAL, out=out, lse=lse)
     _check(out, lse, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dtype_name, scale=scale,
            causal=True)
     # every-other-token view along the sequence axis
@@ -242,8 +250,8 @@ def test_deterministic(dtype_name):
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng(5)
     q, k, v = (cupy.asarray(x) for x in _inputs(rng, dtype, 1, 700, 900, 8, 2, 128))
-    a = cupy_kernel.forward(q, k, v, scale=0.09, causal=True, q_offset=200)
-    c = cupy_kernel.forward(q, k, v, scale=0.09, causal=True, q_offset=200)
+    a = cupy_kernel.forward(q, k, v, scale=0.09, mask=CAUSAL, q_offset=200)
+    c = cupy_kernel.forward(q, k, v, scale=0.09, mask=CAUSAL, q_offset=200)
     assert a[0].view(np.uint8).get().tobytes() == c[0].view(np.uint8).get().tobytes()
     assert a[1].get().tobytes() == c[1].get().tobytes()
 
@@ -263,3 +271,115 @@ def test_errors():
         cupy_kernel.forward(np.ones((1, 8, 2, 64), np.float16), kv, kv, scale=0.1)
     with pytest.raises(ValueError):
         cupy_kernel.forward(kv, kv, kv, scale=0.1, accumulate=True)
+
+
+# ----------------------------------------------- masks, key lengths, precision, layouts
+
+def _check_visible(out, lse, q, k, v, dtype_name, scale, visible):
+    """out/lse against the float64 reference with an explicit visibility matrix."""
+    ref, ref_lse = reference_attention(q, k, v, softmax_scale=scale, visible=visible)
+    out_h = out.get().astype(np.float64)
+    lse_h = lse.get()
+    assert not np.isnan(out_h).any() and not np.isnan(lse_h).any()
+    assert relative_error(out_h, ref) <= TOL[dtype_name]
+    fin = np.isfinite(ref_lse)
+    assert np.array_equal(np.isfinite(lse_h), fin)
+    if fin.any():
+        assert relative_error(lse_h[fin], ref_lse[fin]) <= 1e-5
+    assert np.all(out_h[~fin.transpose(0, 2, 1)] == 0)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("case", ["window", "documents", "window+documents", "right only"])
+def test_masks(dtype_name, d, case):
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng([d, len(case), len(dtype_name)])
+    sq, sk, q_off, k_off = 300, 420, 150, 20
+    q, k, v = _inputs(rng, dtype, 2, sq, sk, 8, 2, d)
+    n = max(q_off + sq, k_off + sk)
+    seqlens = [1, 97, 150, 3, n - 251]
+    mask = {"window": Mask.build(True, (64, None), None),
+            "documents": Mask.build(False, None, seqlens),
+            "window+documents": Mask.build(True, (40, None), seqlens),
+            "right only": Mask.build(False, (None, 7), None)}[case]
+    visible = mask.visible_pairs(q_off + np.arange(sq), k_off + np.arange(sk))
+    scale = 1.0 / math.sqrt(d)
+    out = _poisoned(q.shape, dtype)
+    lse = _poisoned((2, 8, sq), np.float64)
+    cupy_kernel.forward(*(cupy.asarray(x) for x in (q, k, v)), scale=scale, mask=mask,
+                        q_offset=q_off, k_offset=k_off, out=out, lse=lse)
+    _check_visible(out, lse, q, k, v, dtype_name, scale, visible)
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_key_lengths(dtype_name):
+    """Each batch row sees only its first key_lengths[b] keys (0 and odd included)."""
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng(17)
+    lengths = np.array([0, 1, 77, 200])
+    q, k, v = _inputs(rng, dtype, 4, 5, 200, 8, 2, 128)
+    visible = (np.arange(200)[None, None, None, :] < lengths[:, None, None, None])
+    visible = np.broadcast_to(visible, (4, 1, 5, 200))
+    out, lse = cupy_kernel.forward(*(cupy.asarray(x) for x in (q, k, v)), scale=0.1,
+                                   key_lengths=cupy.asarray(lengths, dtype=np.int32))
+    _check_visible(out, lse, q, k, v, dtype_name, 0.1, visible)
+
+
+def test_large_scores_merge_exactly():
+    """float32 scores near 1e4, keys split in blocks: within 2x the one-block error."""
+    rng = np.random.default_rng(23)
+    q, k, v = _inputs(rng, np.float32, 1, 64, 300, 2, 2, 64)
+    q, k = q * 40, k * 40
+    ref, _ = reference_attention(q, k, v, softmax_scale=0.125)
+    qd, kd, vd = (cupy.asarray(x) for x in (q, k, v))
+    one, _ = cupy_kernel.forward(qd, kd, vd, scale=0.125)
+    one_err = relative_error(one.get(), ref)
+    out = cupy.empty(q.shape, np.float32)
+    lse = cupy.empty((1, 2, 64), np.float64)
+    for i, (lo, hi) in enumerate(((200, 300), (0, 77), (77, 200))):
+        cupy_kernel.forward(qd, kd[:, lo:hi], vd[:, lo:hi], scale=0.125, k_offset=lo, out=out,
+                            lse=lse, accumulate=i > 0)
+    assert relative_error(out.get(), ref) <= 2 * one_err + 1e-6
+    assert float(out.max()) <= float(v.max()) * (1 + 1e-6)
+
+
+def test_float16_near_its_largest_value_stays_finite():
+    rng = np.random.default_rng(29)
+    q, k, v = _inputs(rng, np.float16, 1, 64, 256, 2, 2, 64)
+    v = np.clip(np.abs(v.astype(np.float32)) * 6e4, 5e4, 6.5e4).astype(np.float16)
+    out, _ = cupy_kernel.forward(*(cupy.asarray(x) for x in (q, k, v)), scale=0.125)
+    out = out.get()
+    assert np.isfinite(out).all()
+    assert out.astype(np.float32).max() <= v.astype(np.float32).max()
+
+
+@pytest.mark.parametrize("dtype_name", DTYPES)
+def test_any_memory_layout_never_written(dtype_name):
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng(31)
+    q, k, v = _inputs(rng, dtype, 2, 90, 110, 4, 2, 64)
+    want, _ = cupy_kernel.forward(*(cupy.asarray(x) for x in (q, k, v)), scale=0.125,
+                                  mask=CAUSAL)
+    want = want.get()
+    views = {
+        "fortran": lambda x: cupy.asfortranarray(cupy.asarray(x)),
+        "(B,H,S,D) transposed": lambda x: cupy.ascontiguousarray(
+            cupy.asarray(x).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3),
+        "negative strides": lambda x: cupy.ascontiguousarray(cupy.asarray(x)[:, ::-1])[:, ::-1],
+        "odd offset": lambda x: cupy.concatenate([cupy.zeros(1, x.dtype),
+                                                  cupy.asarray(x).ravel()])[1:].reshape(x.shape),
+    }
+    for name, view in views.items():
+        args = [view(x) for x in (q, k, v)]
+        before = [a.copy() for a in args]
+        got, _ = cupy_kernel.forward(*args, scale=0.125, mask=CAUSAL)
+        assert np.array_equal(got.get().view(np.uint8), want.view(np.uint8)), name
+        assert all(bool((a == b).all()) for a, b in zip(args, before)), name
+
+
+def test_choice_table():
+    assert cupy_kernel.choose_kernel(np.dtype(np.float32), 64, (9, 0)) == "f32"
+    assert cupy_kernel.choose_kernel(np.dtype(np.float16), 128, (9, 0)) in ("mma", "sm90")
+    with pytest.raises(ValueError):
+        cupy_kernel.choose_kernel(np.dtype(np.float16), 48, (9, 0))

@@ -1,29 +1,40 @@
-"""CuPy backend: fused attention forward compiled from ``kernels/flash_forward.cu``.
+"""CuPy backend: fused attention kernels compiled from ``kernels/*.cu``.
 
 Implements the contract of :mod:`seqpar.local` for CuPy arrays. float16 and
-bfloat16 (``ml_dtypes.bfloat16`` arrays) run on the tensor cores (mma.sync,
-fp32 accumulation); float32 runs a plain fp32 kernel. cupy is imported lazily,
-so importing this module needs no GPU.
+bfloat16 (``ml_dtypes.bfloat16`` arrays) run on the tensor cores (mma.sync, fp32
+accumulation); float32 runs a plain fp32 kernel. cupy is imported lazily, so
+importing this module needs no GPU.
 
 Kernels are compiled once per process and device (NVRTC through
-``cupy.RawModule``; CuPy also keeps the binary in its on-disk kernel cache, so
-a later process skips the compiler) and launched on the current CuPy stream
-with no synchronisation. The target architecture is the current device's
-(CuPy passes ``-arch`` from its compute capability to NVRTC); the source
-needs no CUDA headers. Tile shapes per head dim are in ``_MMA_CONFIG``
-(measured on an H100: benchmarks/gpu_kernel_notes.md).
+``cupy.RawModule``; CuPy also keeps the binary in its on-disk kernel cache, so a
+later process skips the compiler) and launched on the current CuPy stream with no
+synchronisation. The sources include shared headers (``kernels/*.cuh``); they are
+inlined here before compiling, so CuPy's cache key covers every line. Which
+kernel runs for a call is decided in one place, :func:`choose_kernel`, from the
+table ``KERNELS``.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["forward", "SUPPORTED_HEAD_DIMS"]
+from ..masks import UNBOUNDED
+
+__all__ = ["forward", "backward_delta", "choose_kernel", "KERNELS", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+# The choice of kernel, first match wins: (name, dtypes, head dims, minimum compute
+# capability, condition on the call). SEQPAR_KERNEL=<name> forces one where it applies.
+KERNELS = (
+    ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
+    ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
+)
 
 # head_dim -> (warps per block, 16-row atoms per warp, key tile, cp.async
 # stages, min blocks per SM, Q held in registers) for the fp16/bf16 kernel.
@@ -36,6 +47,7 @@ _MMA_CONFIG = {
 }
 _F32_ROWS, _F32_KEYS, _F32_THREADS = 16, 32, 128
 _MAX_GRID_Y = 65535
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
 
 
 def _cupy():
@@ -43,51 +55,76 @@ def _cupy():
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ImportError(
-            "seqpar.local.cupy_kernel needs cupy (pip install 'seqpar[gpu]')"
+            "seqpar.local.cupy_kernel needs cupy (pip install cupy-cuda12x or cupy-cuda13x)"
         ) from exc
     return cupy
 
 
-@functools.lru_cache(maxsize=None)
-def _source(name="flash_forward.cu"):
-    """Kernel source: package data when installed, else ../../kernels/."""
+def _read(name: str) -> str:
+    """A kernel source file: package data when installed, else ../../kernels/."""
     try:
         from importlib.resources import files
 
         return files("seqpar.kernels").joinpath(name).read_text()
     except (ImportError, FileNotFoundError, OSError, TypeError):
-        path = Path(__file__).resolve().parents[2] / "kernels" / name
-        return path.read_text()
-
-
-def _kind(dtype):
-    if dtype == np.float16:
-        return "f16"
-    if dtype == np.float32:
-        return "f32"
-    if getattr(dtype, "name", "") == "bfloat16":
-        return "bf16"
-    return None
+        return (Path(__file__).resolve().parents[2] / "kernels" / name).read_text()
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind, head_dim, device_id, cfg=None):
+def source(name: str) -> str:
+    """``name`` with its ``#include "x.cuh"`` lines replaced by the headers, each once."""
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def one(match):
+            header = match.group(1)
+            if header in seen:
+                return ""
+            seen.add(header)
+            return expand(_read(header))
+
+        return _INCLUDE.sub(one, text.replace("#pragma once\n", ""))
+
+    return expand(_read(name))
+
+
+def _dtype_name(dtype) -> str:
+    return getattr(dtype, "name", str(dtype))
+
+
+def choose_kernel(dtype, head_dim: int, capability: tuple[int, int]) -> str:
+    """The name of the kernel ``KERNELS`` picks for a call (see the table)."""
+    forced = os.environ.get("SEQPAR_KERNEL", "").strip()
+    name = _dtype_name(dtype)
+    for kernel, dtypes, dims, minimum, _ in KERNELS:
+        if name in dtypes and head_dim in dims and tuple(capability) >= minimum:
+            if not forced or forced == kernel:
+                return kernel
+    if forced:
+        raise ValueError(f"SEQPAR_KERNEL={forced} does not apply to dtype {name}, "
+                         f"head_dim {head_dim}")
+    raise ValueError(f"no GPU kernel for dtype {name} with head_dim {head_dim} on compute "
+                     f"capability {capability[0]}.{capability[1]}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind, head_dim, device_id, masked):
     """(RawKernel, threads, rows per block, dynamic shared bytes), cached."""
     cupy = _cupy()
+    tf = ("false", "true")
     if kind == "f32":
-        name = f"attn_fwd_f32<{head_dim}>"
+        name = f"attn_fwd_f32<{head_dim}, {tf[masked]}>"
         threads, rows = _F32_THREADS, _F32_ROWS
         smem = 4 * (rows * head_dim + _F32_KEYS * (head_dim + 1) + _F32_KEYS * head_dim)
     else:
-        nw, mt, bn, st, minb, qreg = cfg or _MMA_CONFIG[head_dim]
-        tf = ("false", "true")
+        nw, mt, bn, st, minb, qreg = _MMA_CONFIG[head_dim]
         name = (f"flash_fwd_mma<{head_dim}, {nw}, {mt}, {bn}, {st}, {tf[kind == 'bf16']}, "
-                f"{minb}, {tf[bool(qreg)]}>")
+                f"{minb}, {tf[bool(qreg)]}, {tf[masked]}>")
         threads, rows = 32 * nw, 16 * mt * nw
         ld = head_dim + 8
         smem = 2 * (rows * ld + 2 * st * bn * ld)
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=_source(), options=("-std=c++17",),
+        module = cupy.RawModule(code=source("flash_forward.cu"), options=("-std=c++17",),
                                 name_expressions=[name])
         fn = module.get_function(name)
         if smem > 48 * 1024:
@@ -95,25 +132,49 @@ def _kernel(kind, head_dim, device_id, cfg=None):
     return fn, threads, rows, smem
 
 
-def _elem_strides(x, name):
+def _kind(dtype):
+    name = _dtype_name(dtype)
+    return {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(name)
+
+
+def _readable(x, name):
+    """``x`` itself when the kernel can read it in place (last axis contiguous, and for
+    16-bit types 16-byte aligned pointer and strides), else a C-contiguous copy of it
+    (the caller's array is never written either way)."""
     item = x.itemsize
-    if any(s % item for s in x.strides):
-        raise ValueError(f"{name}: strides {x.strides} are not multiples of the item size")
-    st = [s // item for s in x.strides]
-    if x.shape[-1] > 1 and st[-1] != 1:
-        raise ValueError(f"{name}: the last axis must be contiguous (strides {x.strides})")
-    return st
+    strides = x.strides
+    ok = all(s % item == 0 for s in strides) and (x.shape[-1] <= 1 or strides[-1] == item)
+    if ok and item == 2:
+        ok = x.data.ptr % 16 == 0 and all(s % 16 == 0 for s in strides[:-1])
+    return x if ok else _cupy().ascontiguousarray(x)
 
 
-def _check_align(x, name, nbytes):
-    if x.data.ptr % nbytes or any(s % nbytes for s in x.strides[:-1]):
-        raise ValueError(
-            f"{name}: data pointer and batch/seq/head strides must be multiples of "
-            f"{nbytes} bytes for this kernel (got ptr%{nbytes}={x.data.ptr % nbytes}, "
-            f"strides {x.strides})")
+def _element_strides(x):
+    return [s // x.itemsize for s in x.strides]
 
 
-def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
+@functools.lru_cache(maxsize=64)
+def _doc_starts(starts: tuple, device_id: int):
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(np.asarray(starts, dtype=np.int64))
+
+
+def _mask_args(mask, q_offset, k_offset, device_id):
+    """(q_off, k_off, left, right, docs pointer, ndocs) for the kernels."""
+    i64 = np.int64
+    if mask is None:
+        return (i64(q_offset), i64(k_offset), i64(UNBOUNDED), i64(UNBOUNDED), np.uintp(0),
+                np.int32(0))
+    docs, ndocs = np.uintp(0), 0
+    if mask.doc_starts is not None:
+        docs = _doc_starts(tuple(mask.doc_starts), device_id)
+        ndocs = len(mask.doc_starts) - 1
+    return (i64(q_offset), i64(k_offset), i64(mask.left), i64(mask.right), docs,
+            np.int32(ndocs))
+
+
+def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
             out=None, lse=None, accumulate=False):
     """Fused attention forward on the GPU; see :mod:`seqpar.local` for the contract."""
     cupy = _cupy()
@@ -121,7 +182,7 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
         if not isinstance(x, cupy.ndarray):
             raise TypeError(f"{name} must be a cupy.ndarray, got {type(x).__name__}")
         if x.ndim != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {x.shape}")
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got {x.shape}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     kind = _kind(q.dtype)
@@ -142,24 +203,25 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be finite and positive, got {scale}")
     dev = q.device.id
-    for name, x in (("k", k), ("v", v), ("out", out), ("lse", lse)):
+    for name, x in (("k", k), ("v", v), ("out", out), ("lse", lse), ("key_lengths", key_lengths)):
         if x is not None and x.device.id != dev:
             raise ValueError(f"{name} is on device {x.device.id}, q on device {dev}")
-
+    if accumulate and (out is None or lse is None):
+        raise ValueError("accumulate=True needs the running out and lse")
     if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs the running out and lse")
         out = cupy.empty(q.shape, dtype=q.dtype)
     if lse is None:
-        if accumulate:
-            raise ValueError("accumulate=True needs the running out and lse")
-        lse = cupy.empty((batch, hq, sq), dtype=np.float32)
+        lse = cupy.empty((batch, hq, sq), dtype=np.float64)
     if not isinstance(out, cupy.ndarray) or out.shape != q.shape:
         raise ValueError(f"out must be a cupy array of shape {q.shape}")
     if not (out.dtype == q.dtype or out.dtype == np.float32):
         raise TypeError(f"out dtype {out.dtype} must be q's dtype ({q.dtype}) or float32")
-    if not isinstance(lse, cupy.ndarray) or lse.shape != (batch, hq, sq) or lse.dtype != np.float32:
-        raise ValueError(f"lse must be a float32 cupy array of shape {(batch, hq, sq)}")
+    if not isinstance(lse, cupy.ndarray) or lse.shape != (batch, hq, sq) or \
+            lse.dtype != np.float64:
+        raise ValueError(f"lse must be a float64 cupy array of shape {(batch, hq, sq)}")
+    if key_lengths is not None and (key_lengths.dtype != np.int32 or key_lengths.shape != (batch,)
+                                    or not key_lengths.flags.c_contiguous):
+        key_lengths = cupy.ascontiguousarray(key_lengths, dtype=np.int32)
 
     # Empty arrays may carry zero strides, so they leave before the stride checks.
     if batch == 0 or sq == 0 or hq == 0:
@@ -170,31 +232,45 @@ def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
             lse.fill(-np.inf)
         return out, lse
 
-    qs, ks, vs = (_elem_strides(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
-    os_ = _elem_strides(out, "out")
-    ls = _elem_strides(lse, "lse")
-    if kind != "f32":
-        for x, n in ((q, "q"), (k, "k"), (v, "v")):
-            _check_align(x, n, 16)
-        _check_align(out, "out", 8 if out.dtype == np.float32 else 4)
+    q, k, v = (_readable(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    qs, ks, vs, os_, ls = (_element_strides(x) for x in (q, k, v, out, lse))
+    if out.strides[-1] != out.itemsize or out.data.ptr % (8 if out.dtype == np.float32 else 4) \
+            or any(s % (8 if out.dtype == np.float32 else 4) for s in out.strides[:-1]):
+        raise ValueError(f"out must have a contiguous, aligned last axis (strides {out.strides})")
+    if lse.strides[-1] != lse.itemsize:
+        raise ValueError(f"lse must be contiguous along its last axis (strides {lse.strides})")
 
-    cfg = None if kind == "f32" else _MMA_CONFIG[d]
-    fn, threads, rows, smem = _kernel(kind, d, dev, cfg)
+    chosen = choose_kernel(q.dtype, d, _capability(q.device))
+    masked = mask is not None or key_lengths is not None  # one variant handles both
+    fn, threads, rows, smem = _kernel(kind if chosen == "mma" else "f32", d, dev, masked)
     grid_x = -(-sq // rows)
     if batch * hq > _MAX_GRID_Y:
         raise ValueError(f"q: batch * heads = {batch * hq} too large for one launch "
                          f"(max {_MAX_GRID_Y})")
-    lim = sq + sk + 1
-    delta = max(-lim, min(lim, int(q_offset) - int(k_offset)))
     i32, i64 = np.int32, np.int64
+    lengths = key_lengths if key_lengths is not None else np.uintp(0)
     args = (q, k, v, out, lse, i32(sq), i32(sk), i32(hq), i32(hk),
             i64(qs[0]), i64(qs[1]), i64(qs[2]),
             i64(ks[0]), i64(ks[1]), i64(ks[2]),
             i64(vs[0]), i64(vs[1]), i64(vs[2]),
             i64(os_[0]), i64(os_[1]), i64(os_[2]),
             i64(ls[0]), i64(ls[1]),
-            np.float32(scale * math.log2(math.e)), i32(bool(causal)), i32(delta),
+            np.float32(scale * math.log2(math.e)), lengths,
+            *_mask_args(mask, q_offset, k_offset, dev),
             i32(bool(accumulate)), i32(out.dtype == np.float32))
     with q.device:
         fn((grid_x, batch * hq, 1), (threads, 1, 1), args, shared_mem=smem)
     return out, lse
+
+
+def _capability(device) -> tuple[int, int]:
+    """(major, minor) of a CuPy device (CuPy spells it "90")."""
+    text = str(device.compute_capability)
+    return int(text[:-1]), int(text[-1])
+
+
+def backward_delta(dout, out):
+    """delta = rowsum(dout * out), shape (B, H, S), float32 (fp32 products and sums)."""
+    cupy = _cupy()
+    product = cupy.multiply(dout, out, dtype=np.float32)
+    return cupy.ascontiguousarray(product.sum(axis=-1).transpose(0, 2, 1))

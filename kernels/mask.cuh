@@ -1,0 +1,56 @@
+// seqpar: which keys a query sees, by global position (the rule of seqpar/masks.py).
+//
+// Every mask gives the query at global position p one interval of visible keys,
+//   lo(p) = max(p - left, start of p's document),  hi(p) = min(p + right, end of it - 1)
+// (right is 0 when causal; "unbounded" is a large sentinel), and both ends never
+// decrease with p. A block of consecutive rows against keys [n0, n1) is therefore
+// hidden, full or partial from its first and last rows alone. Kernels store each
+// row's interval, in LOCAL key indices clamped to [0, Sk) of the batch row, in
+// shared memory once per block, and read them only in partial tiles.
+#pragma once
+
+#include "common.cuh"
+
+struct MaskArgs {
+  long long q_off;         // global position of query row 0
+  long long k_off;         // global position of key row 0
+  long long left, right;   // window bounds (right already 0 when causal)
+  const long long* docs;   // document starts then the total, or nullptr
+  int ndocs;               // number of documents (docs has ndocs + 1 entries)
+};
+
+// Global visible interval [lo, hi] of the query at global position p.
+DEVI void mask_bounds(const MaskArgs& m, long long p, long long& lo, long long& hi) {
+  lo = p - m.left;
+  hi = p + m.right;
+  if (m.docs != nullptr) {
+    int a = 0, b = m.ndocs;  // docs[a] <= p < docs[b]
+    while (b - a > 1) {
+      const int c = (a + b) >> 1;
+      if (m.docs[c] <= p) a = c; else b = c;
+    }
+    if (m.docs[a] > lo) lo = m.docs[a];
+    if (m.docs[a + 1] - 1 < hi) hi = m.docs[a + 1] - 1;
+  }
+}
+
+// Local interval of rows m0 .. m0 + rows - 1 into s_lo / s_hi (all threads of the
+// block take part; a barrier must follow). Rows past Sq repeat the last row, so the
+// block's last row is always row rows - 1. Empty intervals have lo > hi.
+DEVI void fill_row_bounds(int* s_lo, int* s_hi, const MaskArgs& m, int m0, int rows, int Sq,
+                          int Sk) {
+  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
+    const int row = (m0 + r < Sq ? m0 + r : Sq - 1);
+    long long lo, hi;
+    mask_bounds(m, m.q_off + row, lo, hi);
+    lo -= m.k_off;
+    hi -= m.k_off;
+    s_lo[r] = lo < 0 ? 0 : (lo > Sk ? Sk : (int)lo);
+    s_hi[r] = hi < -1 ? -1 : (hi >= Sk ? Sk - 1 : (int)hi);
+  }
+}
+
+// Does any key of [n0, n1) need masking for rows r0..r1 (local), given the bounds?
+DEVI bool tile_partial(const int* s_lo, const int* s_hi, int r0, int r1, int n0, int n1) {
+  return s_lo[r1] > n0 || s_hi[r0] < n1 - 1;
+}
