@@ -21,6 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from seqpar.local import cupy_kernel
+from seqpar.masks import Mask
+from seqpar.masks import Mask
 
 
 def _time(fn, inner, trials=5, warmup=2):
@@ -80,8 +82,9 @@ def main(argv=None):
                 for causal in map(int, args.causal.split(",")):
                     flops = 4.0 * n * n * d * h / (2 if causal else 1)
                     scale = 1.0 / math.sqrt(d)
-                    t_sp = _time(lambda: cupy_kernel.forward(q, k, v, scale=scale,
-                                                             causal=bool(causal), out=out), reps)
+                    mask = Mask(causal=True) if causal else None
+                    t_sp = _time(lambda: cupy_kernel.forward(q, k, v, scale=scale, mask=mask,
+                                                             out=out), reps)
                     row = {"dtype": dt, "d": d, "N": n, "causal": causal,
                            "seqpar": flops / t_sp / 1e12}
                     if torch is not None:
