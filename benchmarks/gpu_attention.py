@@ -22,7 +22,6 @@ import numpy as np
 
 from seqpar.local import cupy_kernel
 from seqpar.masks import Mask
-from seqpar.masks import Mask
 
 
 def _time(fn, inner, trials=5, warmup=2):
