@@ -32,9 +32,12 @@ SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 # The choice of kernel, first match wins: (name, dtypes, head dims, minimum compute
 # capability, condition on the call). SEQPAR_KERNEL=<name> forces one where it applies.
 KERNELS = (
+    # few query rows per K/V head (query tokens x heads sharing it): split over keys
+    ("decode", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "rows <= 64"),
     ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
     ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
 )
+_DECODE_MAX_ROWS = 64
 
 # head_dim -> (warps per block, 16-row atoms per warp, key tile, cp.async
 # stages, min blocks per SM, Q held in registers) for the fp16/bf16 kernel.
@@ -92,13 +95,15 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", str(dtype))
 
 
-def choose_kernel(dtype, head_dim: int, capability: tuple[int, int]) -> str:
-    """The name of the kernel ``KERNELS`` picks for a call (see the table)."""
+def choose_kernel(dtype, head_dim: int, capability: tuple[int, int], rows: int = 1 << 30) -> str:
+    """The name of the kernel ``KERNELS`` picks for a call (see the table); ``rows`` is
+    query tokens x query heads per K/V head."""
     forced = os.environ.get("SEQPAR_KERNEL", "").strip()
     name = _dtype_name(dtype)
-    for kernel, dtypes, dims, minimum, _ in KERNELS:
+    for kernel, dtypes, dims, minimum, condition in KERNELS:
         if name in dtypes and head_dim in dims and tuple(capability) >= minimum:
-            if not forced or forced == kernel:
+            fits = condition == "any" or rows <= _DECODE_MAX_ROWS
+            if (forced == kernel and (fits or kernel != "decode")) or (not forced and fits):
                 return kernel
     if forced:
         raise ValueError(f"SEQPAR_KERNEL={forced} does not apply to dtype {name}, "
@@ -240,7 +245,10 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     if lse.strides[-1] != lse.itemsize:
         raise ValueError(f"lse must be contiguous along its last axis (strides {lse.strides})")
 
-    chosen = choose_kernel(q.dtype, d, _capability(q.device))
+    chosen = choose_kernel(q.dtype, d, _capability(q.device), rows=sq * (hq // hk))
+    if chosen == "decode":
+        return _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
+                       key_lengths, accumulate, kind, dev)
     masked = mask is not None or key_lengths is not None  # one variant handles both
     fn, threads, rows, smem = _kernel(kind if chosen == "mma" else "f32", d, dev, masked)
     grid_x = -(-sq // rows)
@@ -260,6 +268,79 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
             i32(bool(accumulate)), i32(out.dtype == np.float32))
     with q.device:
         fn((grid_x, batch * hq, 1), (threads, 1, 1), args, shared_mem=smem)
+    return out, lse
+
+
+# head_dim -> (keys per tile, cp.async stages); rows -> (row groups, key groups) of warps
+_DECODE_TILE = {32: (64, 3), 64: (64, 3), 96: (64, 3), 128: (64, 3), 256: (32, 2)}
+_DECODE_MIN_KEYS_PER_SPLIT = 256
+
+
+def _decode_shape(rows, head_dim):
+    bn, stages = _DECODE_TILE[head_dim]
+    groups = -(-rows // 16)
+    key_groups = max(1, min(4 // groups, bn // 16))
+    return groups, key_groups, bn, stages
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_kernels(kind, head_dim, groups, key_groups, bn, stages, masked, out16, device_id):
+    cupy = _cupy()
+    tf = ("false", "true")
+    bf16 = tf[kind == "bf16"]
+    main = (f"flash_decode_mma<{head_dim}, {groups}, {key_groups}, {bn}, {stages}, {bf16}, "
+            f"{tf[masked]}>")
+    combine = f"decode_combine<{head_dim}, {tf[out16]}, {bf16}>"
+    rows = 16 * groups
+    ld = head_dim + 8
+    smem = max(2 * (rows * ld + 2 * stages * bn * ld),
+               2 * rows * ld + 4 * (key_groups * rows * head_dim + 2 * key_groups * rows))
+    with cupy.cuda.Device(device_id):
+        module = cupy.RawModule(code=source("flash_decode.cu"), options=("-std=c++17",),
+                                name_expressions=[main, combine])
+        fn = module.get_function(main)
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        return fn, module.get_function(combine), smem
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id: int) -> int:
+    return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
+
+
+def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
+            key_lengths, accumulate, kind, dev):
+    """Split-K/V launch: every SM streams a share of the keys, then one combine."""
+    cupy = _cupy()
+    batch, sq, hq, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    rows = sq * (hq // hk)
+    groups, key_groups, bn, stages = _decode_shape(rows, d)
+    masked = mask is not None or key_lengths is not None
+    out16 = out.dtype != np.float32
+    fn, combine, smem = _decode_kernels(kind, d, groups, key_groups, bn, stages, masked, out16,
+                                        dev)
+    # ~3 waves of blocks over the SMs, but no split shorter than a few tiles
+    tiles = -(-sk // bn)
+    splits = max(1, min(-(-3 * _multiprocessors(dev) // (batch * hk)),
+                        -(-tiles * bn // _DECODE_MIN_KEYS_PER_SPLIT)))
+    padded = 16 * groups
+    o_part = cupy.empty((splits, batch, hk, padded, d), dtype=np.float32)
+    lse_part = cupy.empty((splits, batch, hk, padded), dtype=np.float64)
+    i32, i64 = np.int32, np.int64
+    lengths = key_lengths if key_lengths is not None else np.uintp(0)
+    with q.device:
+        fn((splits, batch * hk, 1), (32 * groups * key_groups, 1, 1),
+           (q, k, v, o_part, lse_part, i32(sq), i32(sk), i32(hq), i32(hk), i32(splits),
+            i64(qs[0]), i64(qs[1]), i64(qs[2]), i64(ks[0]), i64(ks[1]), i64(ks[2]),
+            i64(vs[0]), i64(vs[1]), i64(vs[2]), np.float32(scale * math.log2(math.e)),
+            lengths, *_mask_args(mask, q_offset, k_offset, dev)), shared_mem=smem)
+        threads = batch * hk * rows * (d // 8)
+        combine((-(-threads // 128), 1, 1), (128, 1, 1),
+                (o_part, lse_part, out, lse, i32(sq), i32(hq), i32(hk), i32(splits),
+                 i32(padded), i32(batch), i64(os_[0]), i64(os_[1]), i64(os_[2]), i64(ls[0]),
+                 i64(ls[1]), i32(bool(accumulate))))
     return out, lse
 
 

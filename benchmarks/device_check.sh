@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels, the GPU kernel tests, the GPU strategy
+# and transport tests at 1 and 2 ranks (sharing one GPU), and a short forward benchmark.
+# Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+summary=()
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" \
+    "$(grep -aE '(passed|failed|error)' "$OUT/$name.log" | tail -1 | cut -c1-90)")")
+}
+step kernel 420 python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/test_gpu_kernel.py
+for n in 1 2; do
+  step strategies-$n 300 mpiexec --allow-run-as-root --oversubscribe -n "$n" python3 -m mpi4py \
+    -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_strategies.py \
+    tests/test_gpu_transport.py
+done
+step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
+  --ns 16384 --causal 0,1
+tail -12 "$OUT/forward-bench.log"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,345 @@
+// seqpar: attention for few queries against many keys (decoding), split over keys.
+//
+// One block per (key split, batch x K/V head). Its rows are every query token of
+// the batch row times every query head that reads this K/V head ((query i, head g)
+// -> row i * G + g), so each K/V byte leaves memory once for all of them. Warps are
+// WR row groups of 16 rows times WK key groups: each warp runs an online softmax
+// over its share of every key tile with mma.sync (fp32 accumulation), the K/V tiles
+// stream through an ST-stage cp.async ring shared by the block, and at the end the
+// key groups merge in shared memory. Each split writes its normalised partial
+// (o, lse) to a workspace; decode_combine merges the splits in a fixed order
+// (deterministic) with the convex merge of kernels/merge.cuh, into out and lse
+// (accumulating into them when asked, as the ring does).
+//
+// Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D), element strides for batch / seq /
+// head, the last axis contiguous and 16-byte aligned (the caller copies what is
+// not). Masks by global position (kernels/mask.cuh); key_len hides keys at index
+// >= key_len[b]. Workspace: o_part (splits, B, Hk, R, D) float, lse_part (splits,
+// B, Hk, R) double, R = Sq * G.
+
+#include "common.cuh"
+#include "mask.cuh"
+#include "merge.cuh"
+
+template <int D, int WR, int WK, int BN, int ST, bool BF16, bool MASK>
+__global__ void __launch_bounds__(WR * WK * 32)
+flash_decode_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
+                 const u16* __restrict__ V, float* __restrict__ OPart,
+                 double* __restrict__ LsePart, int Sq, int Sk, int Hq, int Hk, int splits,
+                 long long qsb, long long qss, long long qsh,
+                 long long ksb, long long kss, long long ksh,
+                 long long vsb, long long vss, long long vsh,
+                 float sl2, const int* __restrict__ key_len, long long q_off, long long k_off,
+                 long long left, long long right, const long long* __restrict__ docs,
+                 int ndocs) {
+  static_assert(D % 16 == 0 && BN % (16 * WK) == 0, "tile shape");
+  constexpr int NW = WR * WK;
+  constexpr int NT = NW * 32;
+  constexpr int R = 16 * WR;        // rows of the block (padded)
+  constexpr int LD = D + 8;         // padded shared rows: ldmatrix without conflicts
+  constexpr int CH = D / 8;         // 16-byte chunks per row
+  constexpr int KW = BN / WK;       // keys of a tile per warp
+  constexpr int NSB = KW / 8;       // 8-wide score blocks per warp
+  constexpr int NDB = D / 8;        // 8-wide output blocks
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  u16* sQ = reinterpret_cast<u16*>(smem_raw);
+  u16* sK = sQ + R * LD;
+  u16* sV = sK + ST * BN * LD;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wr = warp / WK, wk = warp - wr * WK;  // row group, key group
+  const int split = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / Hk, hk = bh - b * Hk;
+  const int G = Hq / Hk;
+  const int rows = Sq * G;  // real rows; rows >= this are padding
+  const int Skb = key_len != nullptr ? max(0, min(Sk, key_len[b])) : Sk;
+  const u16* Kb = K + b * ksb + hk * ksh;
+  const u16* Vb = V + b * vsb + hk * vsh;
+
+  // visible keys of each query token (rows of one token share them)
+  __shared__ int s_lo[MASK ? 64 : 1], s_hi[MASK ? 64 : 1];
+  int n_begin = 0, n_end = Skb;
+  if constexpr (MASK) {
+    const MaskArgs margs{q_off, k_off, left, right, docs, ndocs};
+    fill_row_bounds(s_lo, s_hi, margs, 0, Sq, Sq, Skb);
+    __syncthreads();
+    n_begin = s_lo[0];
+    n_end = min(Skb, s_hi[Sq - 1] + 1);
+  }
+  // this split's share of the visible keys, in whole tiles
+  const int tiles_all = n_end > n_begin ? (n_end - 1) / BN - n_begin / BN + 1 : 0;
+  const int per_split = (tiles_all + splits - 1) / splits;
+  const int t0 = n_begin / BN + split * per_split;
+  const int ntiles = max(0, min(per_split, n_begin / BN + tiles_all - t0));
+
+  // Q rows -> shared (padding rows zero-filled)
+  for (int c = tid; c < R * CH; c += NT) {
+    const int r = c / CH, cc = c - r * CH;
+    const bool p = r < rows;
+    const int i = p ? r / G : 0, g = p ? r - (r / G) * G : 0;
+    const u16* src = Q + b * qsb + (long long)i * qss + (long long)(hk * G + g) * qsh + cc * 8;
+    cp_async16(smem_u32(sQ + r * LD + cc * 8), src, p);
+  }
+  auto load_kv = [&](int tile, int stage) {
+    const int n0 = tile * BN;
+    u16* dk = sK + stage * BN * LD;
+    u16* dv = sV + stage * BN * LD;
+    for (int c = tid; c < BN * CH; c += NT) {
+      const int r = c / CH, cc = c - r * CH;
+      const int key = n0 + r;
+      const bool p = key < Skb;
+      const long long at = p ? key : 0;
+      cp_async16(smem_u32(dk + r * LD + cc * 8), Kb + at * kss + cc * 8, p);
+      cp_async16(smem_u32(dv + r * LD + cc * 8), Vb + at * vss + cc * 8, p);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ntiles) load_kv(t0 + s, s);
+    cp_commit();
+  }
+
+  const int tq = lane & 3, g8 = lane >> 2;
+  float o[NDB][4];
+  float mrow[2] = {SP_NEG_INF, SP_NEG_INF}, lrow[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < NDB; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  // the query token of this lane's two rows (for the mask)
+  const int row0 = wr * 16 + g8, row1 = row0 + 8;
+  const int tok0 = min(row0, rows - 1) / G, tok1 = min(row1, rows - 1) / G;
+
+  u32 qf[D / 16][4];
+  cp_wait<0>();  // Q (and the first stages) landed
+  __syncthreads();
+  {
+    const u32 a = smem_u32(sQ + (wr * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldsm_x4(a + 2 * kk * 16, qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3]);
+  }
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int stage = it % ST;
+    cp_wait<ST - 2>();
+    __syncthreads();  // tile it landed; every warp is done with tile it - 1
+    {
+      const int nt = it + ST - 1;
+      if (nt < ntiles) load_kv(t0 + nt, nt % ST);
+      cp_commit();
+    }
+    const int n0 = (t0 + it) * BN + wk * KW;  // this warp's first key
+    const u32 sKs = smem_u32(sK + stage * BN * LD + wk * KW * LD) +
+                    2 * ((((lane >> 4) << 3) + (lane & 7)) * LD + ((lane >> 3) & 1) * 8);
+    const u32 sVs = smem_u32(sV + stage * BN * LD + wk * KW * LD) +
+                    2 * ((((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8);
+    float s[NSB][4];
+#pragma unroll
+    for (int j = 0; j < NSB; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int nb = 0; nb < KW / 16; ++nb) {
+        u32 b0, b1, b2, b3;
+        ldsm_x4(sKs + 2 * (nb * 16 * LD + kk * 16), b0, b1, b2, b3);
+        mma16816<BF16>(s[2 * nb], qf[kk], b0, b1);
+        mma16816<BF16>(s[2 * nb + 1], qf[kk], b2, b3);
+      }
+    // keys past the row's end, or outside a row's interval: -inf
+    const bool partial = n0 + KW > Skb ||
+                         (MASK && (s_lo[tok1] > n0 || s_hi[tok0] < n0 + KW - 1));
+    if (partial) {
+      const int lo0 = MASK ? s_lo[tok0] : 0, hi0 = MASK ? s_hi[tok0] : Skb - 1;
+      const int lo1 = MASK ? s_lo[tok1] : 0, hi1 = MASK ? s_hi[tok1] : Skb - 1;
+#pragma unroll
+      for (int j = 0; j < NSB; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int key = n0 + j * 8 + 2 * tq + (c & 1);
+          const int lo = c < 2 ? lo0 : lo1, hi = c < 2 ? hi0 : hi1;
+          if (key >= Skb || key < lo || key > hi) s[j][c] = SP_NEG_INF;
+        }
+    }
+    // online softmax, base 2 with the scale folded in
+    float mx0 = SP_NEG_INF, mx1 = SP_NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NSB; ++j) {
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float mn0 = fmaxf(mrow[0], mx0 * sl2), mn1 = fmaxf(mrow[1], mx1 * sl2);
+    const float mu0 = mn0 == SP_NEG_INF ? 0.f : mn0, mu1 = mn1 == SP_NEG_INF ? 0.f : mn1;
+    const float al0 = ex2(mrow[0] - mu0), al1 = ex2(mrow[1] - mu1);
+    mrow[0] = mn0;
+    mrow[1] = mn1;
+    float ls0 = 0.f, ls1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < NSB; ++j) {
+      s[j][0] = ex2(fmaf(s[j][0], sl2, -mu0));
+      s[j][1] = ex2(fmaf(s[j][1], sl2, -mu0));
+      s[j][2] = ex2(fmaf(s[j][2], sl2, -mu1));
+      s[j][3] = ex2(fmaf(s[j][3], sl2, -mu1));
+      ls0 += s[j][0] + s[j][1];
+      ls1 += s[j][2] + s[j][3];
+    }
+    lrow[0] = lrow[0] * al0 + ls0;
+    lrow[1] = lrow[1] * al1 + ls1;
+#pragma unroll
+    for (int j = 0; j < NDB; ++j) {
+      o[j][0] *= al0;
+      o[j][1] *= al0;
+      o[j][2] *= al1;
+      o[j][3] *= al1;
+    }
+    // O += P V over this warp's keys
+#pragma unroll
+    for (int kk = 0; kk < KW / 16; ++kk) {
+      u32 a[4];
+      a[0] = pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        u32 b0, b1, b2, b3;
+        ldsm_x4_t(sVs + 2 * (kk * 16 * LD + nd * 16), b0, b1, b2, b3);
+        mma16816<BF16>(o[2 * nd], a, b0, b1);
+        mma16816<BF16>(o[2 * nd + 1], a, b2, b3);
+      }
+    }
+  }
+  cp_wait<0>();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+    lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+  }
+
+  // merge the key groups of a row group through shared memory (the K/V stages are free)
+  __syncthreads();
+  float* sO = reinterpret_cast<float*>(sK);         // (WK, R, D) partial outputs
+  float* sM = sO + WK * R * D;                       // (WK, R) running max (log2 units)
+  float* sL = sM + WK * R;                           // (WK, R) sums
+  {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = wr * 16 + g8 + r * 8;
+      float* dst = sO + (wk * R + row) * D;
+#pragma unroll
+      for (int j = 0; j < NDB; ++j) {
+        dst[j * 8 + 2 * tq] = o[j][2 * r];
+        dst[j * 8 + 2 * tq + 1] = o[j][2 * r + 1];
+      }
+      if (tq == 0) {
+        sM[wk * R + row] = mrow[r];
+        sL[wk * R + row] = lrow[r];
+      }
+    }
+  }
+  __syncthreads();
+  // every thread: whole rows, D/ (threads per row) columns each
+  const long long part = ((long long)split * gridDim.y + bh) * R;
+  for (int idx = tid; idx < R * D; idx += NT) {
+    const int row = idx / D, col = idx - row * D;
+    float m = SP_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) m = fmaxf(m, sM[w * R + row]);
+    const float mu = m == SP_NEG_INF ? 0.f : m;
+    float l = 0.f, acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      const float scale = ex2(sM[w * R + row] - mu);
+      l += sL[w * R + row] * scale;
+      acc += sO[(w * R + row) * D + col] * scale;
+    }
+    OPart[(part + row) * D + col] = l > 0.f ? acc / l : 0.f;
+    if (col == 0)
+      LsePart[part + row] = l > 0.f ? lse_of(m, l) : (double)SP_NEG_INF;
+  }
+}
+
+// Merge the splits of every row in order and write out / lse (merging into them
+// when accumulating). One thread per (row, 8 output columns); rows are (b, hk, r).
+template <int D, bool OUT16, bool BF16>
+__global__ void __launch_bounds__(128)
+decode_combine(const float* __restrict__ OPart, const double* __restrict__ LsePart,
+               void* __restrict__ Out, double* __restrict__ Lse, int Sq, int Hq, int Hk,
+               int splits, int rows_padded, int B,
+               long long osb, long long oss, long long osh, long long lsb, long long lsh,
+               int accumulate) {
+  constexpr int CPT = 8;  // columns per thread
+  const int G = Hq / Hk;
+  const long long total = (long long)B * Hk * Sq * G * (D / CPT);
+  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const int c8 = (int)(idx % (D / CPT));
+  long long rest = idx / (D / CPT);
+  const int r = (int)(rest % (Sq * G));
+  rest /= Sq * G;
+  const int hk = (int)(rest % Hk);
+  const int b = (int)(rest / Hk);
+  const int i = r / G, h = hk * G + (r - (r / G) * G);
+  const long long stride = (long long)B * Hk * rows_padded;  // between splits
+  const long long row_at = ((long long)b * Hk + hk) * rows_padded + r;
+
+  double mx = -__longlong_as_double(0x7ff0000000000000LL);
+  for (int s = 0; s < splits; ++s) mx = fmax(mx, LsePart[s * stride + row_at]);
+  double* lp = Lse + b * lsb + h * lsh + i;
+  const double lse_old = accumulate ? *lp : -__longlong_as_double(0x7ff0000000000000LL);
+  if (mx == -__longlong_as_double(0x7ff0000000000000LL)) {  // no split saw a key
+    if (!accumulate) {
+      if (c8 == 0) *lp = mx;
+      for (int c = 0; c < CPT; ++c) {
+        const long long at = b * osb + (long long)i * oss + h * osh + c8 * CPT + c;
+        if (OUT16) reinterpret_cast<u16*>(Out)[at] = 0;
+        else reinterpret_cast<float*>(Out)[at] = 0.f;
+      }
+    }
+    return;
+  }
+  double den = 0.0;
+  float acc[CPT];
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) acc[c] = 0.f;
+  for (int s = 0; s < splits; ++s) {
+    const double l = LsePart[s * stride + row_at];
+    if (l == -__longlong_as_double(0x7ff0000000000000LL)) continue;
+    const double w = exp(l - mx);
+    den += w;
+    const float* op = OPart + (s * stride + row_at) * D + c8 * CPT;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) acc[c] = fmaf((float)w, op[c], acc[c]);
+  }
+  const double lse_new = mx + log(den);
+  float w_old = 0.f, w_new = (float)(1.0 / den);
+  double lse_out = lse_new;
+  if (accumulate) merge_weights(lse_old, lse_new, (float)(1.0 / den), w_old, w_new, lse_out);
+  const long long base = b * osb + (long long)i * oss + h * osh + c8 * CPT;
+#pragma unroll
+  for (int c = 0; c < CPT; c += 2) {
+    float x = acc[c] * w_new, y = acc[c + 1] * w_new;
+    if (OUT16) {
+      u32* p = reinterpret_cast<u32*>(reinterpret_cast<u16*>(Out) + base + c);
+      if (accumulate && w_old != 0.f) {
+        float ox, oy;
+        unpack2<BF16>(*p, ox, oy);
+        x = fmaf(w_old, ox, x);
+        y = fmaf(w_old, oy, y);
+      }
+      *p = pack2<BF16>(x, y);
+    } else {
+      float* p = reinterpret_cast<float*>(Out) + base + c;
+      if (accumulate && w_old != 0.f) {
+        x = fmaf(w_old, p[0], x);
+        y = fmaf(w_old, p[1], y);
+      }
+      p[0] = x;
+      p[1] = y;
+    }
+  }
+  if (c8 == 0) *lp = lse_out;
+}
