@@ -479,12 +479,12 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
 }
 
 #ifdef SEQPAR_SM90_INSTANTIATE  // offline builds (nvcc -cubin): the shipped configurations
-template __global__ void flash_fwd_sm90<128, 128, 2, 2, true, true, 40, 232>(
+template __global__ void flash_fwd_sm90<128, 128, 2, 2, true, true, 24, 240>(
     const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,
     const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int,
     int, int, int, int, int, int, long long, long long, long long, long long, long long,
     long long, long long, long long, long long, int, float, int, int, int);
-template __global__ void flash_fwd_sm90<64, 128, 2, 2, true, true, 40, 232>(
+template __global__ void flash_fwd_sm90<64, 128, 2, 2, true, true, 24, 240>(
     const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,
     const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int,
     int, int, int, int, int, int, long long, long long, long long, long long, long long,
