@@ -52,6 +52,18 @@ done
 if ! grep -q '"probe": "rs", "ok": true' "$OUT/probes.log"; then
   step probe-rs-swap 120 probes.log python3 benchmarks/sm90_probe.py rs-swap --out "$OUT"
 fi
+# P V through one N = 64 wgmma per panel when only the one-panel form is right
+if ! grep -q '"probe": "rs", "ok": true' "$OUT/probes.log" &&
+   grep -q '"probe": "rs64", "ok": true' "$OUT/probes.log"; then
+  export SEQPAR_SM90_PV_SPLIT=1
+  echo "rs failed, rs64 passed: SEQPAR_SM90_PV_SPLIT=1 for the tests and the benchmark" >> "$OUT/probes.log"
+fi
+# launch through cuda.bindings when CuPy cannot pass the tensor maps
+if ! grep -q '"probe": "tma", "ok": true' "$OUT/probes.log" &&
+   grep -q '"probe": "tma-driver", "ok": true' "$OUT/probes.log"; then
+  export SEQPAR_SM90_LAUNCH=driver
+  echo "tma failed, tma-driver passed: SEQPAR_SM90_LAUNCH=driver for the tests and the benchmark" >> "$OUT/probes.log"
+fi
 # keep the arrays of failed probes only
 for f in "$OUT"/probe_*.npz; do
   [ -e "$f" ] || continue
@@ -75,7 +87,7 @@ echo "==================== summary ===================="
 grep -h "^NVIDIA\|^name\|cupy " "$OUT/probes.log" | head -3
 grep -h "HGMMA per kernel" -A3 "$OUT/build.log" | head -4
 grep -h "registers\|spill" "$OUT/build.log" | sort | uniq -c | head -6
-grep -h '^{"probe"' "$OUT/probes.log"
+grep -h '^{"probe"\|PV_SPLIT\|LAUNCH=' "$OUT/probes.log"
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -hE "^FAILED|Timeout" "$OUT/tests.log" | head -12

@@ -212,11 +212,24 @@ DEVI void gemm_qk(float (&s)[BN / 2], u64 q_desc, u64 k_desc, u32 q_panel, u32 k
 }
 
 // O += P V: P from registers, V (keys x D) from shared memory, transposed operand.
+// One wgmma of N = D per 16 keys, the 64-column panels of V LBO = BN * 128 bytes
+// apart; SEQPAR_SM90_PV_SPLIT=1 issues one N = 64 wgmma per panel instead.
+#ifndef SEQPAR_SM90_PV_SPLIT
+#define SEQPAR_SM90_PV_SPLIT 0
+#endif
 template <int D, int BN, bool BF16>
 DEVI void gemm_pv(float (&o)[D / 2], const u32 (&p)[BN / 4], u64 v_desc) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk)
-    sm90::Wgmma<D, BF16>::template rs<1>(o, p + 4 * kk, v_desc + ((kk * 2048) >> 4), 1);
+  for (int kk = 0; kk < BN / 16; ++kk) {
+    if constexpr (SEQPAR_SM90_PV_SPLIT && D > 64) {
+#pragma unroll
+      for (int pn = 0; pn < D / 64; ++pn)
+        sm90::Wgmma<64, BF16>::template rs<1>(o + 32 * pn, p + 4 * kk,
+                                              v_desc + ((kk * 2048 + pn * BN * 128) >> 4), 1);
+    } else {
+      sm90::Wgmma<D, BF16>::template rs<1>(o, p + 4 * kk, v_desc + ((kk * 2048) >> 4), 1);
+    }
+  }
 }
 
 }  // namespace fwd90

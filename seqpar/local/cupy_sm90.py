@@ -110,9 +110,13 @@ def supports(q, k, v, out=None) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(d, bf16, cfg, device_id):
     """(kernel, threads, dynamic shared bytes), compiled once per process and device."""
+    return _compiled(d, bf16, cfg, device_id, os.environ.get("SEQPAR_SM90_PV_SPLIT", "0") == "1")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(d, bf16, cfg, device_id, pv_split):
     cupy = _cupy()
     name = (f"flash_fwd_sm90<{d}, {cfg.bn}, {cfg.nwg}, {cfg.stages}, "
             f"{'true' if bf16 else 'false'}, {'true' if cfg.pingpong else 'false'}, "
@@ -120,8 +124,10 @@ def _kernel(d, bf16, cfg, device_id):
     threads = 128 * (cfg.nwg + 1)
     smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
     with cupy.cuda.Device(device_id):
-        module = cupy.RawModule(code=source(), options=("-std=c++17", "--gpu-architecture=sm_90a"),
-                                name_expressions=[name])
+        options = ("-std=c++17", "--gpu-architecture=sm_90a")
+        if pv_split:  # P V as one N = 64 wgmma per 64-column panel of V
+            options += ("-DSEQPAR_SM90_PV_SPLIT=1",)
+        module = cupy.RawModule(code=source(), options=options, name_expressions=[name])
         fn = module.get_function(name)
         fn.max_dynamic_shared_size_bytes = smem
     return fn, threads, smem
