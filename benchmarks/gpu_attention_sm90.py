@@ -68,6 +68,8 @@ def inputs(n, d, dtype, heads=16, seed=0):
 
 
 def mma_call(q, k, v, scale, causal):
+    """The mma.sync kernel through the choice table (SEQPAR_KERNEL=mma)."""
+    os.environ["SEQPAR_KERNEL"] = "mma"
     params = inspect.signature(cupy_kernel.forward).parameters
     if "mask" in params:
         return lambda: cupy_kernel.forward(q, k, v, scale=scale, mask=Mask.build(causal=causal))
@@ -101,6 +103,8 @@ def bench_case(dtype, d, n, causal, reps, with_mma, config=None):
             row["mma_ms"] = time_ms(mma_call(q, k, v, scale, causal), reps)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             row["mma_error"] = str(exc).splitlines()[0][:120]
+        finally:
+            os.environ.pop("SEQPAR_KERNEL", None)
     for key in ("sm90", "cudnn", "flash", "mma"):
         if f"{key}_ms" in row:
             row[f"{key}_tflops"] = tflops(n, d, causal, row[f"{key}_ms"])

@@ -21,7 +21,7 @@ cupy, _ = require_gpu()
 
 from reference import reference_attention, relative_error  # noqa: E402
 
-from seqpar.local import cupy_sm90  # noqa: E402
+from seqpar.local import cupy_kernel, cupy_sm90  # noqa: E402
 from seqpar.masks import Mask  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -326,3 +326,28 @@ def test_other_configs(config):
                           mask=mask, q_offset=367, out=out, lse=lse, config=config)
         _check(out, lse, q, k, v, "bfloat16", scale=0.1,
                visible=_visible(mask, 333, 700, 367, 0, batch=2))
+
+
+def test_choice_table(monkeypatch):
+    """Compute capability 9.0 picks the sm_90a kernel where it can run; SEQPAR_KERNEL
+    forces a row; the table's choice computes the same function bit for bit."""
+    rng = np.random.default_rng(8)
+    q, k, v = (cupy.asarray(x) for x in _inputs(rng, BF16, 1, 200, 300, 4, 2, 128))
+    monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
+    assert cupy_kernel.choose_kernel(q, k, v) == "sm90"
+    q96 = cupy.zeros((1, 8, 2, 96), dtype=np.float16)
+    assert cupy_kernel.choose_kernel(q96, q96, q96) == "mma"
+    q32 = cupy.zeros((1, 8, 2, 64), dtype=np.float32)
+    assert cupy_kernel.choose_kernel(q32, q32, q32) == "mma"
+    mask = Mask.build(causal=True)
+    a = cupy_kernel.forward(q, k, v, scale=0.1, mask=mask, q_offset=100)
+    b = cupy_sm90.forward(q, k, v, scale=0.1, mask=mask, q_offset=100)
+    assert a[0].view(np.uint8).get().tobytes() == b[0].view(np.uint8).get().tobytes()
+    monkeypatch.setenv("SEQPAR_KERNEL", "mma")
+    assert cupy_kernel.choose_kernel(q, k, v) == "mma"
+    monkeypatch.setenv("SEQPAR_KERNEL", "sm90")
+    with pytest.raises(ValueError, match="SEQPAR_KERNEL=sm90"):
+        cupy_kernel.choose_kernel(q96, q96, q96)
+    monkeypatch.setenv("SEQPAR_KERNEL", "fast")
+    with pytest.raises(ValueError, match="SEQPAR_KERNEL"):
+        cupy_kernel.choose_kernel(q, k, v)

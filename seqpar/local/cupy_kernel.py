@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["forward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["forward", "choose_kernel", "SUPPORTED_HEAD_DIMS", "KERNEL_TABLE"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
@@ -113,9 +114,48 @@ def _check_align(x, name, nbytes):
             f"strides {x.strides})")
 
 
-def forward(q, k, v, *, scale, causal=False, q_offset=0, k_offset=0,
-            out=None, lse=None, accumulate=False):
+# Which kernel runs a call: the first row whose condition holds. SEQPAR_KERNEL=<name>
+# forces a row (tests, benchmarks); forcing one that cannot run the call is an error.
+# The choice never changes results beyond the dtype tolerance.
+#   name   kernel                              runs when
+#   sm90   kernels/flash_forward_sm90.cu       compute capability 9.0, fp16/bf16, head dim
+#          (wgmma, TMA, warp-specialised)      64 or 128, 16-byte strides (cupy_sm90.supports)
+#   mma    kernels/flash_forward.cu            any GPU, fp16/bf16/fp32, SUPPORTED_HEAD_DIMS
+KERNEL_TABLE = ("sm90", "mma")
+
+
+def choose_kernel(q, k, v, out=None) -> str:
+    """Name of the kernel (a row of KERNEL_TABLE) that runs this call."""
+    from . import cupy_sm90
+
+    forced = os.environ.get("SEQPAR_KERNEL", "")
+    if forced and forced not in KERNEL_TABLE:
+        raise ValueError(f"SEQPAR_KERNEL={forced!r}: expected one of {KERNEL_TABLE}")
+    sm90 = isinstance(q, _cupy().ndarray) and q.ndim == 4 and cupy_sm90.supports(q, k, v, out)
+    if forced == "sm90" and not sm90:
+        raise ValueError("SEQPAR_KERNEL=sm90 but this call cannot run on the sm_90a kernel "
+                         "(needs compute capability 9.0, fp16/bf16, head dim 64 or 128, "
+                         "16-byte strides, cuda.bindings)")
+    if forced == "mma" or not sm90:
+        return "mma"
+    return "sm90"
+
+
+def forward(q, k, v, *, scale, mask=None, causal=False, q_offset=0, k_offset=0,
+            key_lengths=None, out=None, lse=None, accumulate=False):
     """Fused attention forward on the GPU; see :mod:`seqpar.local` for the contract."""
+    if choose_kernel(q, k, v, out) == "sm90":
+        from . import cupy_sm90
+
+        return cupy_sm90.forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
+                                 k_offset=k_offset, key_lengths=key_lengths, out=out, lse=lse,
+                                 accumulate=accumulate)
+    if mask is not None:
+        if mask.doc_starts is not None or mask.window != (None, None):
+            raise NotImplementedError("the mma.sync kernel takes causal masks only")
+        causal = causal or mask.causal
+    if key_lengths is not None:
+        raise NotImplementedError("the mma.sync kernel takes no key_lengths")
     cupy = _cupy()
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, cupy.ndarray):
