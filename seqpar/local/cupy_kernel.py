@@ -145,7 +145,11 @@ def forward(q, k, v, *, scale, mask=None, causal=False, q_offset=0, k_offset=0,
             key_lengths=None, out=None, lse=None, accumulate=False):
     """Fused attention forward on the GPU; see :mod:`seqpar.local` for the contract."""
     if choose_kernel(q, k, v, out) == "sm90":
+        from ..masks import Mask
         from . import cupy_sm90
+
+        if causal and (mask is None or not mask.causal):
+            mask = Mask(True) if mask is None else Mask(True, mask.window, mask.doc_starts)
 
         return cupy_sm90.forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
                                  k_offset=k_offset, key_lengths=key_lengths, out=out, lse=lse,
