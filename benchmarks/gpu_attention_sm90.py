@@ -6,7 +6,8 @@ Grid: fp16/bf16 x head dim {64, 128} x N {4k, 16k, 64k} x causal, batch 1,
 16 heads, forward only; the mma.sync kernel (seqpar.local.cupy_kernel) too where
 it runs. TFLOP/s = 4 B H N^2 d / time (halved when causal). Each time is the
 median of CUDA-event timings after warm-up; every backend reads the same
-tensors (shared through DLPack). --sweep also times other tile configurations
+data (seqpar shares torch's tensors through DLPack; torch reads (B, H, N, d)
+contiguous copies, so no layout change is timed). --sweep also times other tile configurations
 of the Hopper kernel (bf16, N = 16k). Writes JSON lines to DIR/bench_sm90.jsonl
 and prints a table, ratios and geometric means last.
 """
