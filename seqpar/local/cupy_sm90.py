@@ -150,8 +150,10 @@ def tensor_map(x, box_rows):
         span = s * n
     dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if _kind(x.dtype) == "bf16"
              else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    u32, u64 = driver.cuuint32_t, driver.cuuint64_t  # the lists take these, not ints
     err, tmap = driver.cuTensorMapEncodeTiled(
-        dtype, 4, x.data.ptr, dims, strides, [64, box_rows, 1, 1], [1, 1, 1, 1],
+        dtype, 4, x.data.ptr, [u64(n) for n in dims], [u64(s) for s in strides],
+        [u32(64), u32(box_rows), u32(1), u32(1)], [u32(1)] * 4,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
