@@ -488,6 +488,8 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
       if (tq == 0) *lp = lse_out;
     }
   }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built without sm_90a features: fail loudly rather than leave out unwritten
 #endif  // SEQPAR_SM90_ENABLED
 }
 
