@@ -86,20 +86,21 @@ def source(name: str = "flash_forward_sm90.cu") -> str:
     return expand(name)
 
 
-def _device_sm(dev_id):
-    cupy = _cupy()
-    return cupy.cuda.Device(dev_id).compute_capability
-
-
-def supports(q, k, v, out=None) -> bool:
-    """Whether this kernel can run the call (device, dtype, head dim, strides)."""
+@functools.lru_cache(maxsize=None)
+def _device_ready(dev_id) -> bool:
+    """Compute capability 9.0 and cuda.bindings (tensor maps) importable."""
     try:
         import cuda.bindings.driver  # noqa: F401
     except ImportError:
         return False
-    if _kind(q.dtype) is None or q.shape[-1] not in CONFIGS:
+    return _cupy().cuda.Device(dev_id).compute_capability == "90"
+
+
+def supports(q, k, v, out=None) -> bool:
+    """Whether this kernel can run the call (device, dtype, head dim, strides)."""
+    if _kind(q.dtype) is None or q.shape[-1] not in CONFIGS or q.dtype != k.dtype:
         return False
-    if _device_sm(q.device.id) != "90":
+    if not _device_ready(q.device.id):
         return False
     for x in (q, k, v):
         if x.data.ptr % 16 or x.strides[-1] != x.itemsize:
