@@ -217,6 +217,16 @@ DEVI void gemm_qk(float (&s)[BN / 2], u64 q_desc, u64 k_desc, u32 q_panel, u32 k
 #ifndef SEQPAR_SM90_PV_SPLIT
 #define SEQPAR_SM90_PV_SPLIT 0
 #endif
+// SEQPAR_SM90_V_SWAP=1 exchanges the LBO and SBO of the V descriptor (a diagnosis
+// switch: the probes decide which reading of the MN-major layout the hardware has).
+#ifndef SEQPAR_SM90_V_SWAP
+#define SEQPAR_SM90_V_SWAP 0
+#endif
+template <u32 KV_PANEL>
+DEVI u64 v_desc(u32 addr) {
+  return SEQPAR_SM90_V_SWAP ? sm90::desc_sw128(addr, 1024, KV_PANEL)
+                            : sm90::desc_sw128(addr, KV_PANEL, 1024);
+}
 template <int D, int BN, bool BF16>
 DEVI void gemm_pv(float (&o)[D / 2], const u32 (&p)[BN / 4], u64 v_desc) {
 #pragma unroll
@@ -397,7 +407,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
         gemm_qk<D, BN, BF16>(s, q_desc0, sm90::desc_sw128(sK + st * KV_BYTES, 16, 1024), Q_PANEL,
                              KV_PANEL);
         sm90::wg_commit();
-        gemm_pv<D, BN, BF16>(o, p, sm90::desc_sw128(sV + pst * KV_BYTES, KV_PANEL, 1024));
+        gemm_pv<D, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
         sm90::wg_commit();
         if (PP) sm90::bar_arrive(PP_BAR + (cw + 1) % NWG, 256);
         sm90::wg_wait<1>();
@@ -428,7 +438,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
       sm90::mbar_wait(v_full(pst), pph);
       if (PP) sm90::bar_sync(PP_BAR + cw, 256);
       sm90::wg_fence();
-      gemm_pv<D, BN, BF16>(o, p, sm90::desc_sw128(sV + pst * KV_BYTES, KV_PANEL, 1024));
+      gemm_pv<D, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
       sm90::wg_commit();
       if (PP) sm90::bar_arrive(PP_BAR + (cw + 1) % NWG, 256);
       sm90::wg_wait<0>();

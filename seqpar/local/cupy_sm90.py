@@ -113,11 +113,13 @@ def supports(q, k, v, out=None) -> bool:
 
 def _kernel(d, bf16, cfg, device_id):
     """(kernel, threads, dynamic shared bytes), compiled once per process and device."""
-    return _compiled(d, bf16, cfg, device_id, os.environ.get("SEQPAR_SM90_PV_SPLIT", "0") == "1")
+    defines = tuple(f"-D{name}=1" for name in ("SEQPAR_SM90_PV_SPLIT", "SEQPAR_SM90_V_SWAP")
+                    if os.environ.get(name, "0") == "1")
+    return _compiled(d, bf16, cfg, device_id, defines)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(d, bf16, cfg, device_id, pv_split):
+def _compiled(d, bf16, cfg, device_id, defines):
     cupy = _cupy()
     name = (f"flash_fwd_sm90<{d}, {cfg.bn}, {cfg.nwg}, {cfg.stages}, "
             f"{'true' if bf16 else 'false'}, {'true' if cfg.pingpong else 'false'}, "
@@ -125,9 +127,8 @@ def _compiled(d, bf16, cfg, device_id, pv_split):
     threads = 128 * (cfg.nwg + 1)
     smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
     with cupy.cuda.Device(device_id):
-        options = ("-std=c++17", "--gpu-architecture=sm_90a")
-        if pv_split:  # P V as one N = 64 wgmma per 64-column panel of V
-            options += ("-DSEQPAR_SM90_PV_SPLIT=1",)
+        # defines: diagnosis switches of the V operand (kernels/flash_forward_sm90.cu)
+        options = ("-std=c++17", "--gpu-architecture=sm_90a") + defines
         module = cupy.RawModule(code=source(), options=options, name_expressions=[name])
         fn = module.get_function(name)
         fn.max_dynamic_shared_size_bytes = smem
