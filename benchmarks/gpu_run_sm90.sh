@@ -77,8 +77,10 @@ for f in "$OUT"/probe_*.npz; do
 done
 
 # 4. tests
-step tests 300 tests.log python3 -m pytest -v -p no:cacheprovider --timeout=90 \
-  --timeout-method=thread --maxfail=20 tests/test_gpu_kernel_sm90.py
+TIMEOUT_ARGS=()
+python3 -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=90 --timeout-method=thread)
+step tests 300 tests.log python3 -m pytest -v -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
+  --maxfail=20 tests/test_gpu_kernel_sm90.py
 
 # 5. benchmark (not after a hang: a deadlocked kernel would only burn the time limit)
 if grep -q "Timeout" "$OUT/tests.log"; then
