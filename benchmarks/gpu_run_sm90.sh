@@ -75,6 +75,8 @@ for f in "$OUT"/probe_*.npz; do
   p=$(basename "$f" .npz); p=${p#probe_}
   grep -q "\"probe\": \"$p\", \"ok\": true" "$OUT/probes.log" && rm -f "$f"
 done
+# at most 8 files come back: 5 logs and 3 probe arrays
+ls "$OUT"/probe_*.npz 2>/dev/null | tail -n +4 | xargs -r rm -f
 
 # 4. tests
 TIMEOUT_ARGS=()
