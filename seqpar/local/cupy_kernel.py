@@ -34,6 +34,8 @@ SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 KERNELS = (
     # few query rows per K/V head (query tokens x heads sharing it): split over keys
     ("decode", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "rows <= 64"),
+    # Hopper: wgmma, TMA, warp-specialised (seqpar/local/cupy_sm90.py)
+    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
     ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
     ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
 )
@@ -95,14 +97,18 @@ def _dtype_name(dtype) -> str:
     return getattr(dtype, "name", str(dtype))
 
 
-def choose_kernel(dtype, head_dim: int, capability: tuple[int, int], rows: int = 1 << 30) -> str:
+def choose_kernel(dtype, head_dim: int, capability: tuple[int, int], rows: int = 1 << 30,
+                  sm90_reads: bool = True) -> str:
     """The name of the kernel ``KERNELS`` picks for a call (see the table); ``rows`` is
-    query tokens x query heads per K/V head."""
+    query tokens x query heads per K/V head, ``sm90_reads`` whether the Hopper kernel
+    can read the operands in place (its tensor maps need 16-byte aligned strides)."""
     forced = os.environ.get("SEQPAR_KERNEL", "").strip()
     name = _dtype_name(dtype)
     for kernel, dtypes, dims, minimum, condition in KERNELS:
         if name in dtypes and head_dim in dims and tuple(capability) >= minimum:
-            fits = condition == "any" or rows <= _DECODE_MAX_ROWS
+            fits = {"rows <= 64": rows <= _DECODE_MAX_ROWS,
+                    "sm90 can read the operands": sm90_reads and tuple(capability) == (9, 0),
+                    }.get(condition, True)
             if (forced == kernel and (fits or kernel != "decode")) or (not forced and fits):
                 return kernel
     if forced:
@@ -245,10 +251,20 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     if lse.strides[-1] != lse.itemsize:
         raise ValueError(f"lse must be contiguous along its last axis (strides {lse.strides})")
 
-    chosen = choose_kernel(q.dtype, d, _capability(q.device), rows=sq * (hq // hk))
+    capability = _capability(q.device)
+    sm90_reads = False
+    if capability == (9, 0) and kind != "f32":
+        from . import cupy_sm90
+
+        sm90_reads = cupy_sm90.supports(q, k, v, out)
+    chosen = choose_kernel(q.dtype, d, capability, rows=sq * (hq // hk), sm90_reads=sm90_reads)
     if chosen == "decode":
         return _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
                        key_lengths, accumulate, kind, dev)
+    if chosen == "sm90":
+        return cupy_sm90.forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
+                                 k_offset=k_offset, key_lengths=key_lengths, out=out, lse=lse,
+                                 accumulate=accumulate)
     masked = mask is not None or key_lengths is not None  # one variant handles both
     fn, threads, rows, smem = _kernel(kind if chosen == "mma" else "f32", d, dev, masked)
     grid_x = -(-sq // rows)

@@ -1,0 +1,47 @@
+"""CPU checks of the Hopper kernel's sources and configurations (no GPU needed)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+from seqpar.local import cupy_sm90
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+
+
+def test_source_inlines_headers_once():
+    src = cupy_sm90.source()
+    assert not re.search(r'^#include "', src, flags=re.M)
+    assert src.count("#define SEQPAR_SM90_CUH") == 1
+    assert "template <> struct Wgmma<128, true>" in src
+    assert "flash_fwd_sm90" in src
+
+
+def test_generated_wgmma_wrappers_in_sync():
+    """kernels/sm90.cuh holds exactly what kernels/wgmma_gen.py writes."""
+    spec = importlib.util.spec_from_file_location("wgmma_gen", KERNELS / "wgmma_gen.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    body = "\n".join(gen.wrapper(n, b, t) for n in gen.SHAPES for b, t in gen.TYPES)
+    text = (KERNELS / "sm90.cuh").read_text()
+    section = text.split("// BEGIN GENERATED (kernels/wgmma_gen.py)\n")[1].split("// END GENERATED")[0]
+    assert section == body
+
+
+@pytest.mark.parametrize("d", sorted(cupy_sm90.CONFIGS))
+def test_configs_fit_the_chip(d):
+    """Shared memory within the 227 KB a block may opt into; the registers of the
+    producer and consumers within the 64 K of an SM (setmaxnreg: multiples of 8)."""
+    cfg = cupy_sm90.CONFIGS[d]
+    smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
+    assert smem <= 232448
+    assert cfg.preg % 8 == 0 and cfg.creg % 8 == 0
+    assert 128 * (cfg.preg + cfg.nwg * cfg.creg) <= 65536
+    assert cfg.bn % 16 == 0 and cfg.bn <= 256 and d % 64 == 0
+    # the wgmma shapes the configuration needs are generated
+    text = (KERNELS / "sm90.cuh").read_text()
+    for n in (cfg.bn, d):
+        assert f"struct Wgmma<{n}, true>" in text
