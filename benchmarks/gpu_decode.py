@@ -5,8 +5,8 @@
 bf16, 32 query heads sharing 8 K/V heads (GQA), d = 128. For each (batch, queries,
 keys) of the grid: seqpar.attention (the split-K/V decode kernel) and torch's
 scaled_dot_product_attention with the FLASH and cuDNN backends (enable_gqa=True) on
-the same inputs (shared through DLPack), timed with CUDA events (median of many
-calls, rotating between input sets larger than L2 together), and the K/V read rate
+the same inputs (shared through DLPack), timed with CUDA events around many calls issued back to back
+(rotating between input sets larger than L2 together), and the K/V read rate
 (bytes of K and V / time). Then the crossover between the decode kernel and the
 forward kernel (SEQPAR_KERNEL) as the rows per K/V head grow. A table last.
 """
@@ -30,17 +30,20 @@ HEADS, KV_HEADS, D = 32, 8, 128
 
 
 def timed(fn, repeats):
-    """Median seconds of fn() over CUDA events."""
+    """Seconds per call: calls issued back to back, as a decoding loop issues them (the
+    host prepares the next call while the GPU runs this one), timed with CUDA events
+    around ``repeats`` calls; the median of 5 such trials."""
     fn()
     cupy.cuda.get_current_stream().synchronize()
     times = []
-    for _ in range(repeats):
+    for _ in range(5):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        fn()
+        for _ in range(repeats):
+            fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3 / repeats)
     return statistics.median(times)
 
 
@@ -55,7 +58,7 @@ def inputs(batch, queries, keys, sets):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel

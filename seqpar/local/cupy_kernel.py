@@ -157,7 +157,7 @@ def _readable(x, name):
     ok = all(s % item == 0 for s in strides) and (x.shape[-1] <= 1 or strides[-1] == item)
     if ok and item == 2:
         ok = x.data.ptr % 16 == 0 and all(s % 16 == 0 for s in strides[:-1])
-    return x if ok else _cupy().ascontiguousarray(x)
+    return x if ok else x.copy()  # a fresh allocation: aligned and C-contiguous
 
 
 def _element_strides(x):
@@ -251,13 +251,14 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     if lse.strides[-1] != lse.itemsize:
         raise ValueError(f"lse must be contiguous along its last axis (strides {lse.strides})")
 
-    capability = _capability(q.device)
+    capability = _capability(dev)
+    rows = sq * (hq // hk)
     sm90_reads = False
-    if capability == (9, 0) and kind != "f32":
+    if capability == (9, 0) and kind != "f32" and rows > _DECODE_MAX_ROWS:
         from . import cupy_sm90
 
         sm90_reads = cupy_sm90.supports(q, k, v, out)
-    chosen = choose_kernel(q.dtype, d, capability, rows=sq * (hq // hk), sm90_reads=sm90_reads)
+    chosen = choose_kernel(q.dtype, d, capability, rows=rows, sm90_reads=sm90_reads)
     if chosen == "decode":
         return _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
                        key_lengths, accumulate, kind, dev)
@@ -290,13 +291,16 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
 # head_dim -> (keys per tile, cp.async stages); rows -> (row groups, key groups) of warps
 _DECODE_TILE = {32: (64, 3), 64: (64, 3), 96: (64, 3), 128: (64, 3), 256: (32, 2)}
 _DECODE_MIN_KEYS_PER_SPLIT = 256
+_SMEM_PER_SM = 228 * 1024  # Hopper and Ampere (A100) alike; fewer elsewhere only lowers waves
 
 
 def _decode_shape(rows, head_dim):
+    """(row groups, key groups, keys per tile, stages): 4 warps where the rows allow,
+    and for 3-4 row groups two stages, so two blocks fit an SM's shared memory."""
     bn, stages = _DECODE_TILE[head_dim]
     groups = -(-rows // 16)
     key_groups = max(1, min(4 // groups, bn // 16))
-    return groups, key_groups, bn, stages
+    return groups, key_groups, bn, (2 if groups >= 3 else stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,10 +341,18 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
     out16 = out.dtype != np.float32
     fn, combine, smem = _decode_kernels(kind, d, groups, key_groups, bn, stages, masked, out16,
                                         dev)
-    # ~3 waves of blocks over the SMs, but no split shorter than a few tiles
-    tiles = -(-sk // bn)
-    splits = max(1, min(-(-3 * _multiprocessors(dev) // (batch * hk)),
-                        -(-tiles * bn // _DECODE_MIN_KEYS_PER_SPLIT)))
+    # whole waves of blocks over the SMs (a part-filled last wave idles the rest), as
+    # many as keep every split at least a few tiles long
+    per_sm = max(1, min(_SMEM_PER_SM // (smem + 1024), 2048 // (32 * groups * key_groups)))
+    wave = per_sm * _multiprocessors(dev)
+    most = max(1, -(-sk // _DECODE_MIN_KEYS_PER_SPLIT))
+    splits = 1
+    for waves in (8, 6, 4, 3, 2, 1):
+        if waves * wave >= batch * hk and (waves * wave) // (batch * hk) <= most:
+            splits = (waves * wave) // (batch * hk)
+            break
+    else:
+        splits = min(most, max(1, wave // (batch * hk)))
     padded = 16 * groups
     o_part = cupy.empty((splits, batch, hk, padded, d), dtype=np.float32)
     lse_part = cupy.empty((splits, batch, hk, padded), dtype=np.float64)
@@ -360,9 +372,10 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
     return out, lse
 
 
-def _capability(device) -> tuple[int, int]:
-    """(major, minor) of a CuPy device (CuPy spells it "90")."""
-    text = str(device.compute_capability)
+@functools.lru_cache(maxsize=None)
+def _capability(device_id: int) -> tuple[int, int]:
+    """(major, minor) of a device (CuPy spells it "90")."""
+    text = str(_cupy().cuda.Device(device_id).compute_capability)
     return int(text[:-1]), int(text[-1])
 
 
