@@ -80,3 +80,25 @@ DEVI float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+
+// one 16-bit value <-> float (round to nearest even)
+template <bool BF16>
+DEVI float half_to_float(u16 x) {
+  float y;
+  if constexpr (BF16) {
+    y = __uint_as_float(((u32)x) << 16);
+  } else {
+    asm("{ cvt.f32.f16 %0, %1; }\n" : "=f"(y) : "h"(x));
+  }
+  return y;
+}
+template <bool BF16>
+DEVI u16 float_to_half(float x) {
+  u16 y;
+  if constexpr (BF16) {
+    asm("{ cvt.rn.bf16.f32 %0, %1; }\n" : "=h"(y) : "f"(x));
+  } else {
+    asm("{ cvt.rn.f16.f32 %0, %1; }\n" : "=h"(y) : "f"(x));
+  }
+  return y;
+}

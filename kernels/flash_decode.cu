@@ -262,8 +262,10 @@ flash_decode_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
   }
 }
 
-// Merge the splits of every row in order and write out / lse (merging into them
-// when accumulating). One thread per (row, 8 output columns); rows are (b, hk, r).
+// Merge the splits of every row and write out / lse (merging into them when
+// accumulating). One warp per row (b, hk, r): lane j takes splits j, j + 32, ...,
+// the warp reduces the max and the weighted sums with shuffles in a fixed order
+// (deterministic), then writes the row.
 template <int D, bool OUT16, bool BF16>
 __global__ void __launch_bounds__(128)
 decode_combine(const float* __restrict__ OPart, const double* __restrict__ LsePart,
@@ -271,75 +273,77 @@ decode_combine(const float* __restrict__ OPart, const double* __restrict__ LsePa
                int splits, int rows_padded, int B,
                long long osb, long long oss, long long osh, long long lsb, long long lsh,
                int accumulate) {
-  constexpr int CPT = 8;  // columns per thread
+  static_assert(D % 32 == 0, "head dim");
+  constexpr int PER_LANE = D / 32;  // output columns each lane writes
+  const double NEG_INF = -__longlong_as_double(0x7ff0000000000000LL);
   const int G = Hq / Hk;
-  const long long total = (long long)B * Hk * Sq * G * (D / CPT);
-  const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  const int c8 = (int)(idx % (D / CPT));
-  long long rest = idx / (D / CPT);
-  const int r = (int)(rest % (Sq * G));
-  rest /= Sq * G;
-  const int hk = (int)(rest % Hk);
-  const int b = (int)(rest / Hk);
+  const int lane = threadIdx.x & 31;
+  const long long row_id = (long long)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (row_id >= (long long)B * Hk * Sq * G) return;
+  const int r = (int)(row_id % (Sq * G));
+  const long long bhk = row_id / (Sq * G);
+  const int hk = (int)(bhk % Hk), b = (int)(bhk / Hk);
   const int i = r / G, h = hk * G + (r - (r / G) * G);
   const long long stride = (long long)B * Hk * rows_padded;  // between splits
-  const long long row_at = ((long long)b * Hk + hk) * rows_padded + r;
+  const long long row_at = bhk * rows_padded + r;
 
-  double mx = -__longlong_as_double(0x7ff0000000000000LL);
-  for (int s = 0; s < splits; ++s) mx = fmax(mx, LsePart[s * stride + row_at]);
+  double mx = NEG_INF;
+  for (int s = lane; s < splits; s += 32) mx = fmax(mx, LsePart[s * stride + row_at]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   double* lp = Lse + b * lsb + h * lsh + i;
-  const double lse_old = accumulate ? *lp : -__longlong_as_double(0x7ff0000000000000LL);
-  if (mx == -__longlong_as_double(0x7ff0000000000000LL)) {  // no split saw a key
+  const long long base = b * osb + (long long)i * oss + h * osh;
+  if (mx == NEG_INF) {  // no split saw a key
     if (!accumulate) {
-      if (c8 == 0) *lp = mx;
-      for (int c = 0; c < CPT; ++c) {
-        const long long at = b * osb + (long long)i * oss + h * osh + c8 * CPT + c;
-        if (OUT16) reinterpret_cast<u16*>(Out)[at] = 0;
-        else reinterpret_cast<float*>(Out)[at] = 0.f;
+      if (lane == 0) *lp = NEG_INF;
+#pragma unroll
+      for (int c = 0; c < PER_LANE; ++c) {
+        const int col = c * 32 + lane;
+        if (OUT16) reinterpret_cast<u16*>(Out)[base + col] = 0;
+        else reinterpret_cast<float*>(Out)[base + col] = 0.f;
       }
     }
     return;
   }
   double den = 0.0;
-  float acc[CPT];
+  float acc[PER_LANE];
 #pragma unroll
-  for (int c = 0; c < CPT; ++c) acc[c] = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const double l = LsePart[s * stride + row_at];
-    if (l == -__longlong_as_double(0x7ff0000000000000LL)) continue;
-    const double w = exp(l - mx);
-    den += w;
-    const float* op = OPart + (s * stride + row_at) * D + c8 * CPT;
+  for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
+  for (int s0 = 0; s0 < splits; s0 += 32) {
+    // each lane weighs one split; then every lane adds all 32 splits' columns it owns
+    const int s = s0 + lane;
+    const double l = s < splits ? LsePart[s * stride + row_at] : NEG_INF;
+    const float w = l == NEG_INF ? 0.f : (float)exp(l - mx);
+    den += (double)w;
+    const int count = min(32, splits - s0);
+    for (int j = 0; j < count; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+      if (wj == 0.f) continue;
+      const float* op = OPart + ((s0 + j) * stride + row_at) * D;
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) acc[c] = fmaf((float)w, op[c], acc[c]);
+      for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(wj, op[c * 32 + lane], acc[c]);
+    }
   }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
   const double lse_new = mx + log(den);
   float w_old = 0.f, w_new = (float)(1.0 / den);
   double lse_out = lse_new;
+  const double lse_old = accumulate ? *lp : NEG_INF;
   if (accumulate) merge_weights(lse_old, lse_new, (float)(1.0 / den), w_old, w_new, lse_out);
-  const long long base = b * osb + (long long)i * oss + h * osh + c8 * CPT;
 #pragma unroll
-  for (int c = 0; c < CPT; c += 2) {
-    float x = acc[c] * w_new, y = acc[c + 1] * w_new;
+  for (int c = 0; c < PER_LANE; ++c) {
+    const long long at = base + c * 32 + lane;
+    float x = acc[c] * w_new;
     if (OUT16) {
-      u32* p = reinterpret_cast<u32*>(reinterpret_cast<u16*>(Out) + base + c);
-      if (accumulate && w_old != 0.f) {
-        float ox, oy;
-        unpack2<BF16>(*p, ox, oy);
-        x = fmaf(w_old, ox, x);
-        y = fmaf(w_old, oy, y);
-      }
-      *p = pack2<BF16>(x, y);
+      u16* p = reinterpret_cast<u16*>(Out) + at;
+      if (accumulate && w_old != 0.f) x = fmaf(w_old, half_to_float<BF16>(*p), x);
+      *p = float_to_half<BF16>(x);
     } else {
-      float* p = reinterpret_cast<float*>(Out) + base + c;
-      if (accumulate && w_old != 0.f) {
-        x = fmaf(w_old, p[0], x);
-        y = fmaf(w_old, p[1], y);
-      }
-      p[0] = x;
-      p[1] = y;
+      float* p = reinterpret_cast<float*>(Out) + at;
+      if (accumulate && w_old != 0.f) x = fmaf(w_old, *p, x);
+      *p = x;
     }
   }
-  if (c8 == 0) *lp = lse_out;
+  if (lane == 0) *lp = lse_out;
 }

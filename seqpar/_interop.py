@@ -30,6 +30,8 @@ def accepts_dlpack(*names: str):
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
+            if not any(map(_foreign, args)) and not any(map(_foreign, kwargs.values())):
+                return function(*args, **kwargs)  # the common case, without binding
             bound = signature.bind(*args, **kwargs)
             origin = None
             for name in names:

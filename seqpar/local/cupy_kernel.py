@@ -347,7 +347,7 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
     wave = per_sm * _multiprocessors(dev)
     most = max(1, -(-sk // _DECODE_MIN_KEYS_PER_SPLIT))
     splits = 1
-    for waves in (8, 6, 4, 3, 2, 1):
+    for waves in (2, 1):  # blocks of a split are equally long: few waves suffice
         if waves * wave >= batch * hk and (waves * wave) // (batch * hk) <= most:
             splits = (waves * wave) // (batch * hk)
             break
@@ -364,8 +364,8 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
             i64(qs[0]), i64(qs[1]), i64(qs[2]), i64(ks[0]), i64(ks[1]), i64(ks[2]),
             i64(vs[0]), i64(vs[1]), i64(vs[2]), np.float32(scale * math.log2(math.e)),
             lengths, *_mask_args(mask, q_offset, k_offset, dev)), shared_mem=smem)
-        threads = batch * hk * rows * (d // 8)
-        combine((-(-threads // 128), 1, 1), (128, 1, 1),
+        warps = batch * hk * rows  # one warp per row
+        combine((-(-warps // 4), 1, 1), (128, 1, 1),
                 (o_part, lse_part, out, lse, i32(sq), i32(hq), i32(hk), i32(splits),
                  i32(padded), i32(batch), i64(os_[0]), i64(os_[1]), i64(os_[2]), i64(ls[0]),
                  i64(ls[1]), i32(bool(accumulate))))
