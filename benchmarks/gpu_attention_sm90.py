@@ -14,7 +14,6 @@ and prints a table, ratios and geometric means last.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -71,10 +70,7 @@ def inputs(n, d, dtype, heads=16, seed=0):
 def mma_call(q, k, v, scale, causal):
     """The mma.sync kernel through the choice table (SEQPAR_KERNEL=mma)."""
     os.environ["SEQPAR_KERNEL"] = "mma"
-    params = inspect.signature(cupy_kernel.forward).parameters
-    if "mask" in params:
-        return lambda: cupy_kernel.forward(q, k, v, scale=scale, mask=Mask.build(causal=causal))
-    return lambda: cupy_kernel.forward(q, k, v, scale=scale, causal=causal)
+    return lambda: cupy_kernel.forward(q, k, v, scale=scale, mask=Mask.build(causal=causal))
 
 
 def bench_case(dtype, d, n, causal, reps, with_mma, config=None):

@@ -334,20 +334,18 @@ def test_choice_table(monkeypatch):
     rng = np.random.default_rng(8)
     q, k, v = (cupy.asarray(x) for x in _inputs(rng, BF16, 1, 200, 300, 4, 2, 128))
     monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
-    assert cupy_kernel.choose_kernel(q, k, v) == "sm90"
-    q96 = cupy.zeros((1, 8, 2, 96), dtype=np.float16)
-    assert cupy_kernel.choose_kernel(q96, q96, q96) == "mma"
-    q32 = cupy.zeros((1, 8, 2, 64), dtype=np.float32)
-    assert cupy_kernel.choose_kernel(q32, q32, q32) == "mma"
+    pick = cupy_kernel.choose_kernel
+    assert pick(BF16, 128, (9, 0), rows=400) == "sm90"
+    assert pick(BF16, 128, (9, 0), rows=400, sm90_reads=False) == "mma"
+    assert pick(np.dtype(np.float16), 96, (9, 0), rows=400) == "mma"
+    assert pick(np.dtype(np.float32), 64, (9, 0), rows=400) == "f32"
+    assert pick(BF16, 128, (8, 0), rows=400) == "mma"
     mask = Mask.build(causal=True)
     a = cupy_kernel.forward(q, k, v, scale=0.1, mask=mask, q_offset=100)
     b = cupy_sm90.forward(q, k, v, scale=0.1, mask=mask, q_offset=100)
     assert a[0].view(np.uint8).get().tobytes() == b[0].view(np.uint8).get().tobytes()
     monkeypatch.setenv("SEQPAR_KERNEL", "mma")
-    assert cupy_kernel.choose_kernel(q, k, v) == "mma"
+    assert pick(BF16, 128, (9, 0), rows=400) == "mma"
     monkeypatch.setenv("SEQPAR_KERNEL", "sm90")
     with pytest.raises(ValueError, match="SEQPAR_KERNEL=sm90"):
-        cupy_kernel.choose_kernel(q96, q96, q96)
-    monkeypatch.setenv("SEQPAR_KERNEL", "fast")
-    with pytest.raises(ValueError, match="SEQPAR_KERNEL"):
-        cupy_kernel.choose_kernel(q, k, v)
+        pick(np.dtype(np.float16), 96, (9, 0), rows=400)
