@@ -25,7 +25,8 @@ import numpy as np
 
 from ..masks import UNBOUNDED
 
-__all__ = ["forward", "backward_delta", "choose_kernel", "KERNELS", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
+           "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
@@ -384,3 +385,6 @@ def backward_delta(dout, out):
     cupy = _cupy()
     product = cupy.multiply(dout, out, dtype=np.float32)
     return cupy.ascontiguousarray(product.sum(axis=-1).transpose(0, 2, 1))
+
+
+from .cupy_backward import backward  # noqa: E402 - it builds on the helpers above
