@@ -23,6 +23,12 @@ DEVI void cp_async16(u32 dst, const void* src, bool pred) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(dst), "l"(src), "r"(n) : "memory");
 }
+// the same, for data read once in a long stream: also asks L2 to fetch 256 bytes
+DEVI void cp_async16_stream(u32 dst, const void* src, bool pred) {
+  int n = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n"
+               :: "r"(dst), "l"(src), "r"(n) : "memory");
+}
 DEVI void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> DEVI void cp_wait() {
   asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");

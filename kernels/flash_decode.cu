@@ -91,8 +91,8 @@ flash_decode_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
       const int key = n0 + r;
       const bool p = key < Skb;
       const long long at = p ? key : 0;
-      cp_async16(smem_u32(dk + r * LD + cc * 8), Kb + at * kss + cc * 8, p);
-      cp_async16(smem_u32(dv + r * LD + cc * 8), Vb + at * vss + cc * 8, p);
+      cp_async16_stream(smem_u32(dk + r * LD + cc * 8), Kb + at * kss + cc * 8, p);
+      cp_async16_stream(smem_u32(dv + r * LD + cc * 8), Vb + at * vss + cc * 8, p);
     }
   };
 #pragma unroll
