@@ -52,13 +52,12 @@ def _grads(q, k, v, dout, scale, mask=None, q_offset=0, k_offset=0, blocks=None)
     if blocks is None:
         return cupy_kernel.backward(gd, qd, kd, vd, lse, delta, scale=scale, mask=mask,
                                     q_offset=q_offset, k_offset=k_offset)
-    dq = cupy.full(q.shape, np.nan, np.float32)
-    dk = cupy.full(k.shape, np.nan, np.float32)
-    dv = cupy.full(v.shape, np.nan, np.float32)
-    for i, (lo, hi) in enumerate(blocks):  # key blocks as the ring visits them
+    # as the ring does: every block adds its part (dq over all, dk/dv of its own keys)
+    dq, dk, dv = (cupy.zeros(x.shape, np.float32) for x in (q, k, v))
+    for lo, hi in blocks:
         cupy_kernel.backward(gd, qd, kd[:, lo:hi], vd[:, lo:hi], lse, delta, scale=scale,
                              mask=mask, q_offset=q_offset, k_offset=k_offset + lo,
-                             dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=i > 0)
+                             dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=True)
     return dq, dk, dv
 
 
