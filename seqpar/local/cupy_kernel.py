@@ -161,6 +161,14 @@ def _readable(x, name):
     return x if ok else x.copy()  # a fresh allocation: aligned and C-contiguous
 
 
+def _tma_readable(x) -> bool:
+    """Whether a TMA tensor map can describe x: 16-byte aligned pointer and strides,
+    none negative, the last axis contiguous."""
+    return (x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize
+            and all(s % 16 == 0 and s >= 0 for n, s in zip(x.shape[:-1], x.strides[:-1])
+                    if n > 1))
+
+
 def _element_strides(x):
     return [s // x.itemsize for s in x.strides]
 
@@ -258,6 +266,11 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     if capability == (9, 0) and kind != "f32" and rows > _DECODE_MAX_ROWS:
         from . import cupy_sm90
 
+        if d in cupy_sm90.SUPPORTED_HEAD_DIMS:
+            # operands its tensor maps cannot describe (negative strides, say) are
+            # copied, so every memory layout runs the same kernel: the same bytes
+            q, k, v = (x if _tma_readable(x) else x.copy() for x in (q, k, v))
+            qs, ks, vs = (_element_strides(x) for x in (q, k, v))
         sm90_reads = cupy_sm90.supports(q, k, v, out)
     chosen = choose_kernel(q.dtype, d, capability, rows=rows, sm90_reads=sm90_reads)
     if chosen == "decode":
