@@ -35,15 +35,15 @@ def test_exchange_moves_every_block(comm, shape, dtype):
         first = (shape[0] + r % 2,) + shape[1:]
         return [_block(r, first, dtype), _block(50 + r, first, dtype)]
 
-    capacity = max(a.size for r in range(size) for a in arrays(r)) or 1
-    buffers = [[np.empty(capacity, dtype) for _ in range(2)] for _ in range(2)]
     mine = arrays(rank)
     seen = []
-    with mover.exchange(buffers) as exchange:
+    with mover.exchange() as exchange:
         for shift in range(1, size):
             source, dest = (rank - shift) % size, (rank + shift) % size
-            exchange.start(mine, dest, source, [a.shape for a in arrays(source)], tag=shift)
+            into = [np.empty(a.shape, dtype) for a in arrays(source)]
+            exchange.start(mine, dest, source, into, tag=shift)
             received = exchange.wait()
+            assert all(r is i for r, i in zip(received, into))
             for got, want in zip(received, arrays(source)):
                 assert np.array_equal(got, want), f"shift {shift}"
                 assert not np.shares_memory(got, want)
@@ -57,13 +57,12 @@ def test_exchange_one_sided_steps(comm):
     """A step may only send or only receive (the mask keeps some pairs apart)."""
     mover = _host_transport(comm)
     size, rank = comm.size, comm.rank
-    buffers = [[np.empty(6)] for _ in range(2)]
-    with mover.exchange(buffers) as exchange:
+    with mover.exchange() as exchange:
         # rank r sends to r+1 only when r is even; r+1 receives only then
         sender = (rank - 1) % size
         dest = (rank + 1) % size if rank % 2 == 0 and size > 1 else None
         source = sender if sender % 2 == 0 and size > 1 else None
-        exchange.start([_block(rank, (6,), np.float64)], dest, source, [(6,)], tag=1)
+        exchange.start([_block(rank, (6,), np.float64)], dest, source, [np.empty(6)], tag=1)
         received = exchange.wait()
     if source is None:
         assert received == []
@@ -109,7 +108,9 @@ def test_ring_reports_its_transport(comm, rng):
     assert stats["transport"] == "host"
     assert stats["bytes_per_step"] == 2 * parts[1].nbytes
     assert stats["steps"] == comm.size - 1  # causal zigzag: every rank needs every other
-    assert stats["bytes_sent"] == stats["steps"] * stats["bytes_per_step"]
+    # ... but not every key: a rank's late chunk is hidden from the ranks whose chunks
+    # all come earlier, so only the visible part of a block travels
+    assert 0 < stats["bytes_sent"] <= stats["steps"] * stats["bytes_per_step"] or comm.size == 1
     assert len(stats["exposed_seconds"]) == comm.size - 1
     auto = seqpar.ring_attention(*parts, comm=comm, causal=True, layout="zigzag")
     assert np.array_equal(out, auto)

@@ -104,8 +104,8 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
                             mask, transport, acquire)
         out, lse = ring.resources
 
-        def attend(kv, source, _):
-            for block in ring.blocks(source):
+        def attend(kv, source, _, keys):
+            for block in ring.blocks(source, keys):
                 heads.kernel.forward(heads.q[:, block.q_rows], kv[0][:, block.k_rows],
                                      kv[1][:, block.k_rows], scale=heads.scale,
                                      mask=mask if block.masked else None,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from .. import comms
 from .._interop import accepts_dlpack
 from ..layout import LAYOUTS, Placement
-from ..masks import HIDDEN, Mask
+from ..masks import UNBOUNDED, Mask
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
 from ._plan import plan_blocks
@@ -89,8 +91,8 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                             window, seqlens, transport, check_finite, acquire)
         p, (out, lse) = ring.p, ring.resources
 
-        def attend(kv, source, _):
-            for block in ring.blocks(source):
+        def attend(kv, source, _, keys):
+            for block in ring.blocks(source, keys):
                 p.kernel.forward(p.q[:, block.q_rows], kv[0][:, block.k_rows],
                                  kv[1][:, block.k_rows], scale=p.scale,
                                  mask=ring.mask if block.masked else None,
@@ -152,8 +154,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
         grad, lse4, delta, dq, dkv = ring.resources
         parts, home = ring.gradient_buffers
 
-        def attend(kv, source, targets):
-            for block in ring.blocks(source):
+        def attend(kv, source, targets, keys):
+            for block in ring.blocks(source, keys):
                 p.kernel.backward(grad[:, block.q_rows], p.q[:, block.q_rows],
                                   kv[0][:, block.k_rows], kv[1][:, block.k_rows],
                                   lse4[:, :, block.q_rows], delta[:, :, block.q_rows],
@@ -249,18 +251,18 @@ class _Ring:
         return cls(context, p, own, q_place, k_place, mask,
                    get_transport(context, p.q, transport), buffers, resources)
 
-    def blocks(self, source):
-        """The kernel calls between this rank's queries and rank ``source``'s keys."""
-        return plan_blocks(self.q_place.segments(self.context.comm.rank),
-                           self.k_place.segments(source), self.mask)
-
-    def kv_shapes(self, source):
-        shape = (self.p.k.shape[0], self.k_place.length(source)) + self.p.k.shape[2:]
-        return [shape, shape]
+    def blocks(self, source, keys=None):
+        """The kernel calls between this rank's queries and rank ``source``'s keys
+        (only its local keys [keys[0], keys[1]) when given: what was sent)."""
+        runs = self.k_place.segments(source)
+        if keys is not None:
+            runs = _restrict(runs, *keys)
+        return plan_blocks(self.q_place.segments(self.context.comm.rank), runs, self.mask)
 
     def run(self, attend, own_targets=None, visiting_targets=None, returns=None):
-        """The step loop: ``attend(kv, source, targets)`` for this rank's own block and
-        every block it receives, the next transfer overlapping the current compute.
+        """The step loop: ``attend(kv, source, targets, keys)`` for this rank's own
+        block and every block it receives (``keys``: which of the source's keys came),
+        the next transfer overlapping the current compute.
 
         With ``returns`` (receive buffers), the arrays ``attend`` filled for a visiting
         block (``visiting_targets``, two sets used in turn, zeroed first) travel back to
@@ -268,19 +270,21 @@ class _Ring:
         that exchange, else the K/V exchange.
         """
         comm, steps, mover = self.context.comm, self.schedule.steps, self.mover
-        size = comm.size
-        with comms.communicating(), mover.exchange(self._kv_buffers) as exchange:
-            back = mover.exchange([returns, returns], after=exchange) if returns else None
+        size, sets = comm.size, self._kv_buffers
+        with comms.communicating(), mover.exchange() as exchange:
+            back = mover.exchange(after=exchange) if returns is not None else None
             try:
                 if steps:
-                    self._start(exchange, steps[0])
+                    self._start(exchange, steps[0], sets[0])
                 if self.schedule.needs_own:
                     comms.progress("own block")
-                    attend(self.own, comm.rank, own_targets)
+                    attend(self.own, comm.rank, own_targets, None)
+                pending = None  # the step whose gradients travel home
                 for i, step in enumerate(steps):
-                    received = exchange.wait()
+                    exchange.wait()
+                    received = self._blocks_in(sets[i % 2], step.recv)
                     if i + 1 < len(steps):
-                        self._start(exchange, steps[i + 1])
+                        self._start(exchange, steps[i + 1], sets[(i + 1) % 2])
                     targets = None
                     if step.source is not None:
                         comms.progress(f"step {step.shift}: block of rank {step.source}")
@@ -289,30 +293,56 @@ class _Ring:
                                        zip(visiting_targets[i % 2], received)]
                             for t in targets:
                                 t.fill(0)
-                        attend(received, step.source, targets)
+                        attend(received, step.source, targets, step.recv)
                     if back is not None:
-                        if i:
-                            self._add_home(back.wait(), own_targets)
+                        if pending is not None:
+                            self._add_home(back.wait(), own_targets, pending.send)
                         # this block's gradient goes home; ours comes from where ours went
                         back.start(targets or [], step.source, step.dest,
-                                   [a.shape for a in own_targets], tag=size + step.shift)
-                if back is not None and steps:
-                    self._add_home(back.wait(), own_targets)
+                                   self._blocks_in(returns, step.send) if step.dest is not None
+                                   else [], tag=size + step.shift)
+                        pending = step
+                if back is not None and pending is not None:
+                    self._add_home(back.wait(), own_targets, pending.send)
             finally:
                 if back is not None:
                     back.free()
         return back if back is not None else exchange
 
-    def _start(self, exchange, step):
+    def _blocks_in(self, flats, keys):
+        """(B, keys, H, D) views of flat buffers for a range of keys (or [])."""
+        if keys is None:
+            return []
+        shape = (self.p.k.shape[0], keys[1] - keys[0]) + self.p.k.shape[2:]
+        count = int(np.prod(shape))
+        return [flat[:count].reshape(shape) for flat in flats]
+
+    def _start(self, exchange, step, flats):
+        """Post a step: our keys [send) row by row of the batch, the source's into flats."""
         comms.progress(f"step {step.shift}", step.peers)
-        exchange.start(self.own, step.dest, step.source,
-                       self.kv_shapes(step.source) if step.source is not None else None,
-                       tag=step.shift)
+        sends = []
+        if step.dest is not None:
+            a, b = step.send
+            sends = [x[i, a:b] for x in self.own for i in range(x.shape[0])]
+        recvs = [block[i] for block in self._blocks_in(flats, step.recv)
+                 for i in range(block.shape[0])]
+        exchange.start(sends, step.dest, step.source, recvs, tag=step.shift)
 
     @staticmethod
-    def _add_home(arrived, own_targets):
+    def _add_home(arrived, own_targets, keys):
         for target, part in zip(own_targets, arrived):
-            target += part
+            target[:, keys[0]:keys[1]] += part
+
+
+def _restrict(runs, first, last):
+    """The (global start, length) runs of local indices [first, last) of ``runs``."""
+    cut, offset = [], 0
+    for start, length in runs:
+        a, b = max(first, offset), min(last, offset + length)
+        if a < b:
+            cut.append((start + a - offset, b - a))
+        offset += length
+    return cut
 
 
 def _capacity(p, own, q_place, k_place, mask, rank) -> int:
@@ -334,10 +364,13 @@ def _block_buffers(p, own, size, backward):
 
 
 class _Step:
-    __slots__ = ("shift", "dest", "source")
+    """One shift: send our keys [send[0], send[1]) to ``dest``, receive the keys
+    [recv[0], recv[1]) of ``source`` (local indices of the owner); None: no transfer."""
 
-    def __init__(self, shift, dest, source):
-        self.shift, self.dest, self.source = shift, dest, source
+    __slots__ = ("shift", "dest", "source", "send", "recv")
+
+    def __init__(self, shift, dest, source, send, recv):
+        self.shift, self.dest, self.source, self.send, self.recv = shift, dest, source, send, recv
 
     @property
     def peers(self) -> str:
@@ -346,11 +379,12 @@ class _Step:
 
 
 class RingSchedule:
-    """Which blocks this rank sends and receives at each shift, from global positions.
+    """Which keys this rank sends and receives at each shift, from global positions.
 
-    ``steps``: the shifts at which this rank sends its K/V (``dest``) or receives
-    another's (``source``), either None where the mask keeps the pair apart;
-    ``largest_receive``: the most tokens one received block holds.
+    ``steps``: the shifts at which this rank sends (some of) its K/V or receives
+    another's; only the keys some query of the receiver can see travel (a window
+    or documents cut most of a block away). ``largest_receive``: the most keys one
+    received block holds.
     """
 
     def __init__(self, steps, needs_own, largest_receive):
@@ -362,20 +396,36 @@ class RingSchedule:
     @functools.lru_cache(maxsize=64)
     def make(cls, q_place: Placement, k_place: Placement, mask, rank) -> "RingSchedule":
         size = q_place.size
-
-        def sees(a, b):  # do rank a's queries see any of rank b's keys?
-            if mask is None:
-                return q_place.length(a) > 0 and k_place.length(b) > 0
-            return any(mask.classify(qs, ql, ks, kl) != HIDDEN
-                       for qs, ql in q_place.segments(a) for ks, kl in k_place.segments(b))
-
         steps, largest = [], 0
         for shift in range(1, size):
             source, dest = (rank - shift) % size, (rank + shift) % size
-            source = source if sees(rank, source) else None
-            dest = dest if sees(dest, rank) else None
-            if source is not None or dest is not None:
-                steps.append(_Step(shift, dest, source))
-            if source is not None:
-                largest = max(largest, k_place.length(source))
-        return cls(steps, sees(rank, rank), largest)
+            recv = visible_keys(q_place, k_place, mask, rank, source)
+            send = visible_keys(q_place, k_place, mask, dest, rank)
+            if recv is not None or send is not None:
+                steps.append(_Step(shift, dest if send else None, source if recv else None,
+                                   send, recv))
+            if recv is not None:
+                largest = max(largest, recv[1] - recv[0])
+        return cls(steps, visible_keys(q_place, k_place, mask, rank, rank) is not None, largest)
+
+
+def visible_keys(q_place: Placement, k_place: Placement, mask, reader: int, owner: int):
+    """The local key indices [a, b) of ``owner`` that some query of ``reader`` sees,
+    or None. Each query segment sees one interval of positions (the mask's bounds
+    never decrease), so the keys to send are one range of the owner's."""
+    first, last = None, None
+    for qs, ql in q_place.segments(reader):
+        if ql <= 0:
+            continue
+        if mask is None:
+            lo, hi = -UNBOUNDED, UNBOUNDED
+        else:
+            (lo, _), (_, hi) = mask.bounds([qs, qs + ql - 1])
+        offset = 0
+        for ks, kl in k_place.segments(owner):
+            a, b = max(lo, ks), min(hi, ks + kl - 1)
+            if kl > 0 and a <= b:
+                first = offset + a - ks if first is None else min(first, offset + a - ks)
+                last = offset + b - ks + 1 if last is None else max(last, offset + b - ks + 1)
+            offset += kl
+    return None if first is None else (int(first), int(last))

@@ -1,7 +1,7 @@
 """Moving buffers between ranks; transports know nothing of attention.
 
 Every transport offers the strategies the same three operations:
-``exchange(buffers)`` (an :class:`Exchange`: blocks sent and received step by
+``exchange()`` (an :class:`Exchange`: arrays sent and received step by
 step, overlapped with compute), ``allreduce(buffer, op)`` in place with op "sum"
 or "max", and ``alltoall(send, recv[, send_counts, recv_counts])``. Every buffer
 they touch is C-contiguous and owned by the caller or the exchange.

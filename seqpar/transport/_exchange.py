@@ -1,16 +1,16 @@
 """The step-by-step block exchange every transport implements.
 
-At each step a rank may send its arrays to one rank and receive arrays from
-another (either may be absent: ``None``). The transfer of the next step overlaps
-the compute on the current one; received arrays land in buffers the exchange
-owns (two, used in turn), never in the caller's arrays::
+At each step a rank may send arrays to one rank and receive arrays from another
+(either may be absent: ``None``). The transfer of the next step overlaps the
+compute on the current one; the caller receives into buffers it owns (two sets,
+used in turn), never into its inputs::
 
-    with transport.exchange(buffers) as exchange:
+    with transport.exchange() as exchange:
         for i, step in enumerate(steps):
             if i + 1 < len(steps):
-                exchange.start(sends, steps[i + 1].dest, steps[i + 1].source, shapes)
+                exchange.start(sends, dest, source, receive_views_of_the_other_set)
             compute(blocks_of_step_i)       # reading arrays being sent is allowed
-            blocks = exchange.wait()        # step i+1's arrivals, views into a buffer
+            blocks = exchange.wait()        # step i+1's arrivals
 
 For CuPy arrays, "compute" means work queued on the stream that was current when
 the exchange was made; :meth:`wait` makes that stream wait for the arrival
@@ -37,48 +37,41 @@ def as_bytes(a):
 
 
 class Exchange:
-    """Blocks passed between ranks step by step, double-buffered.
+    """Arrays passed between ranks step by step, one step in flight at a time.
 
     Parameters
     ----------
     comm : mpi4py.MPI.Comm
-    buffers : two sequences of flat arrays
-        Receive buffers, used in turn; buffer set s, array i receives the i-th
-        array of a step (viewed with the shape the step gives).
+    gpu : bool
+        The arrays are CuPy arrays (ordered on the current stream by events).
     """
 
-    def __init__(self, comm: MPI.Comm, buffers):
+    def __init__(self, comm: MPI.Comm, gpu: bool = False):
         self.comm = comm
-        self._buffers = [list(b) for b in buffers]
-        self._turn = 0
         self._received: list = []
         self._in_flight = False
-        self._stream = None  # the compute stream, for CuPy buffers
+        self._open = True
+        self._stream = None  # the compute stream, for CuPy arrays
         self.nbytes = 0      # sent by this rank over all steps
         self.steps = 0       # transfers this rank took part in
-        if not isinstance(self._buffers[0][0], np.ndarray):
+        if gpu:
             import cupy
 
             self._stream = cupy.cuda.get_current_stream()
-            # recorded by start(): the arrays to send and the buffer to overwrite are
+            # recorded by start(): the arrays to send and the buffers to overwrite are
             # final once the kernels queued before it are done
             self._ready = cupy.cuda.Event(block=False, disable_timing=True)
         self._exposed: list = []
 
-    def start(self, sends, dest: int | None, source: int | None, shapes, tag: int = 0) -> None:
-        """Post one step: ``sends`` (arrays) to rank ``dest``, arrays of ``shapes`` from
-        rank ``source`` into the next buffer. Either rank may be None."""
-        if self._buffers is None:
+    def start(self, sends, dest: int | None, source: int | None, recvs, tag: int = 0) -> None:
+        """Post one step: ``sends`` (contiguous arrays) to rank ``dest``, ``recvs``
+        (contiguous arrays, filled in order) from rank ``source``; either rank may be
+        None (then its arrays are ignored)."""
+        if not self._open:
             raise RuntimeError("the exchange is already freed")
         assert not self._in_flight, "one step at a time"
-        buffers = self._buffers[self._turn]
-        self._turn = 1 - self._turn
-        recvs = []
-        if source is not None:
-            for flat, shape in zip(buffers, shapes):
-                count = int(np.prod(shape))
-                recvs.append(flat[:count].reshape(shape))
         sends = list(sends) if dest is not None else []
+        recvs = list(recvs) if source is not None else []
         if self._stream is not None:
             self._ready.record(self._stream)
         self._start(sends, recvs, dest, source, tag)
@@ -121,13 +114,13 @@ class Exchange:
         return [cupy.cuda.get_elapsed_time(a, b) / 1e3 for a, b in self._exposed]
 
     def free(self) -> None:
-        """Finish any transfer in flight and release the buffers."""
-        if self._buffers is None:
+        """Finish any transfer in flight."""
+        if not self._open:
             return
         try:
             self._finish()
         finally:
-            self._buffers = None
+            self._open = False
 
     def __enter__(self) -> "Exchange":
         return self

@@ -26,10 +26,10 @@ class HostTransport:
     def __init__(self, comm: MPI.Comm):
         self.comm = comm
 
-    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+    def exchange(self, after: Exchange | None = None) -> Exchange:
         """An exchange; with ``after``, its transfers queue behind that exchange's on
         the same helper thread (two exchanges never call MPI at the same time)."""
-        return _MpiExchange(self.comm, buffers, after)
+        return _MpiExchange(self.comm, self.name != "host", after)
 
     def allreduce(self, buffer, op: str) -> None:
         """In-place Allreduce of a contiguous buffer; ``op`` is "sum" or "max"."""
@@ -72,8 +72,8 @@ class _MpiExchange(Exchange):
     otherwise ``Isend``/``Irecv`` are posted and completed in :meth:`wait`.
     """
 
-    def __init__(self, comm: MPI.Comm, buffers, after: "_MpiExchange | None" = None):
-        super().__init__(comm, buffers)
+    def __init__(self, comm: MPI.Comm, gpu: bool, after: "_MpiExchange | None" = None):
+        super().__init__(comm, gpu)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and comm.size > 1
         self._owns_worker = after is None
         if after is not None:

@@ -47,10 +47,10 @@ class NcclTransport:
                        np.dtype(np.float16): nccl.NCCL_FLOAT16}
         self._ops = {"sum": nccl.NCCL_SUM, "max": nccl.NCCL_MAX}
 
-    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+    def exchange(self, after: Exchange | None = None) -> Exchange:
         """An exchange; all exchanges of a transport queue on its one NCCL stream, in
         the order they are started (the same on every rank)."""
-        return _NcclExchange(self, buffers)
+        return _NcclExchange(self)
 
     def allreduce(self, buffer, op: str) -> None:
         """In place, on the current stream."""
@@ -107,10 +107,10 @@ class NcclTransport:
 
 
 class _NcclExchange(Exchange):
-    def __init__(self, transport: NcclTransport, buffers):
+    def __init__(self, transport: NcclTransport):
         import cupy
 
-        super().__init__(transport.comm, buffers)
+        super().__init__(transport.comm, True)
         self._transport = transport
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
 

@@ -50,10 +50,10 @@ class StagedTransport:
             self._pinned = ([buffer(), buffer()], [buffer(), buffer()])
         return self._pinned
 
-    def exchange(self, buffers, after: Exchange | None = None) -> Exchange:
+    def exchange(self, after: Exchange | None = None) -> Exchange:
         """An exchange; with ``after``, its transfers queue behind that exchange's on
         the same helper thread (they share the pinned buffers and copy streams)."""
-        return _StagedExchange(self, buffers, after)
+        return _StagedExchange(self, after)
 
     def allreduce(self, buffer, op: str) -> None:
         host = buffer.get()  # waits for the current stream
@@ -71,10 +71,10 @@ class StagedTransport:
 
 
 class _StagedExchange(Exchange):
-    def __init__(self, transport: StagedTransport, buffers, after=None):
+    def __init__(self, transport: StagedTransport, after=None):
         import cupy
 
-        super().__init__(transport.comm, buffers)
+        super().__init__(transport.comm, True)
         self._transport = transport
         self._arrived = cupy.cuda.Event(block=False, disable_timing=True)
         threaded = MPI.Query_thread() >= MPI.THREAD_SERIALIZED and transport.comm.size > 1
