@@ -108,16 +108,20 @@ def call(comm, function: str):
     with the watchdog.
     """
     user_comm = resolve_comm(comm)
-    context = context_of(user_comm)
-    with context.lock:
-        record, outer = _Call(context.comm, function), getattr(_ACTIVE, "call", None)
-        _ACTIVE.call = record
-        _Watchdog.track(record)
-        try:
+    record, outer = _Call(user_comm, function), getattr(_ACTIVE, "call", None)
+    record.step = "making seqpar's communicator (first call on this communicator)"
+    _ACTIVE.call = record
+    _Watchdog.track(record)  # from the start: the first call's Dup is collective too
+    try:
+        context = context_of(user_comm)
+        record.comm = context.comm
+        progress("waiting for another thread's call on this communicator", "this rank")
+        with context.lock:
+            progress("checking arguments with every rank", "every rank")
             yield context
-        finally:
-            _Watchdog.untrack(record)
-            _ACTIVE.call = outer
+    finally:
+        _Watchdog.untrack(record)
+        _ACTIVE.call = outer
 
 
 def progress(step: str, waiting_for: str = "") -> None:
