@@ -7,7 +7,8 @@
 set -u
 cd "$(dirname "$0")/.."
 python=${PYTHON:-$(command -v python || command -v python3)}
-"$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_kernel.py "$@" || exit
+"$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py \
+  tests/test_gpu_decode.py tests/test_gpu_backward.py "$@" || exit
 for n in 1 2; do
   echo "== GPU strategies and transports at $n rank(s)"
   "$python" -m seqpar run -n "$n" -m pytest --with-mpi -q -p no:cacheprovider \
