@@ -12,7 +12,7 @@ from ..local import kernel_for
 from ..merge import CARRY_DTYPE
 
 __all__ = ["Prepared", "prepare", "check_finite_arrays", "check_key_lengths",
-           "public_lse_dtype"]
+           "public_lse_dtype", "check_sequence_inputs"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,38 @@ def check_key_lengths(key_lengths, batch: int, keys: int, xp):
         return np.ascontiguousarray(lengths, dtype=np.int32) if xp is np else \
             xp.asarray(lengths, dtype=np.int32)
     return xp.ascontiguousarray(lengths, dtype=np.int32)
+
+
+def check_sequence_inputs(qkv, extra_inputs, *, layout, heads_divisor=None,
+                          same_length=False, check_finite=False, **options) -> dict:
+    """Local checks of a sequence-parallel call (forward, or backward when
+    ``extra_inputs`` is (dout, out, lse)): the arguments, the layout and its lengths,
+    and heads divisible by ``heads_divisor`` where the heads are split (Ulysses).
+
+    Returns the settings ranks must share; raises naming the argument.
+    """
+    from ..layout import LAYOUTS
+    from ..validation import check_attention_inputs, check_backward_inputs
+
+    q, k, v = qkv
+    options.update(layout=layout, check_finite=check_finite)
+    if extra_inputs is None:
+        settings = check_attention_inputs(q, k, v, **options)
+    else:
+        settings = check_backward_inputs(extra_inputs[0], q, k, v, *extra_inputs[1:], **options)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    s, sk = settings["q length"], settings["k length"]
+    if same_length and s != sk:
+        raise ValueError(f"q length {s} and k length {sk} differ")
+    if layout == "zigzag" and (s % 2 or sk % 2):
+        raise ValueError(f"zigzag layout needs even local lengths (the global length divisible "
+                         f"by twice the ranks), got q length {s}, k length {sk}")
+    if heads_divisor is not None:
+        for name in ("heads of q", "heads of k/v"):
+            if settings[name] % heads_divisor:
+                raise ValueError(f"{name} ({settings[name]}) must be a multiple of the "
+                                 f"number of ranks the heads are split over ({heads_divisor})")
+    if check_finite:
+        check_finite_arrays(q=q, k=k, v=v)
+    return settings

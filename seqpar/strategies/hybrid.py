@@ -5,11 +5,11 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
-from ..layout import LAYOUTS, Placement
+from ..layout import Placement
 from ..masks import Mask
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs
-from ._prepare import check_finite_arrays, prepare
+from ..validation import ATTENTION_SETTINGS, agree
+from ._prepare import check_sequence_inputs, prepare
 from .ring import _Ring
 from .ulysses import _rows_to_sequence_shards, _to_head_shards, _to_sequence_shards
 
@@ -49,28 +49,15 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
         size = comm.size
 
         def check():
-            settings = check_attention_inputs(q, k, v, causal=causal,
-                                              softmax_scale=softmax_scale, layout=layout,
-                                              transport=transport, comm=context, window=window,
-                                              seqlens=seqlens, check_finite=check_finite)
             if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, (int, np.integer)) \
                     or ulysses_size < 1 or size % ulysses_size:
                 raise ValueError(f"ulysses_size must be a divisor of the number of ranks "
                                  f"({size}), got {ulysses_size!r}")
-            for name in ("heads of q", "heads of k/v"):
-                if settings[name] % ulysses_size:
-                    raise ValueError(f"{name} ({settings[name]}) must be a multiple of "
-                                     f"ulysses_size ({ulysses_size})")
-            if layout not in LAYOUTS:
-                raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-            if settings["q length"] != settings["k length"]:
-                raise ValueError(f"q length {settings['q length']} and k length "
-                                 f"{settings['k length']} differ")
-            if layout == "zigzag" and settings["q length"] % 2:
-                raise ValueError(f"zigzag layout needs an even local length, got "
-                                 f"{settings['q length']}")
-            if check_finite:
-                check_finite_arrays(q=q, k=k, v=v)
+            settings = check_sequence_inputs((q, k, v), None, layout=layout,
+                                             heads_divisor=int(ulysses_size), same_length=True,
+                                             causal=causal, softmax_scale=softmax_scale,
+                                             transport=transport, comm=context, window=window,
+                                             seqlens=seqlens, check_finite=check_finite)
             settings["ulysses_size"] = int(ulysses_size)
             return settings
 

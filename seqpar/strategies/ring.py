@@ -7,12 +7,12 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
-from ..layout import LAYOUTS, Placement
+from ..layout import Placement
 from ..masks import UNBOUNDED, Mask
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
+from ..validation import ATTENTION_SETTINGS, agree
 from ._plan import plan_blocks
-from ._prepare import check_finite_arrays, prepare
+from ._prepare import check_sequence_inputs, prepare
 
 __all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
 
@@ -190,24 +190,10 @@ class _Ring:
         backward = extra_inputs is not None
 
         def check():
-            options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout,
-                           transport=transport, comm=context, window=window, seqlens=seqlens,
-                           check_finite=check_finite)
-            if extra_inputs is None:
-                settings = check_attention_inputs(q, k, v, **options)
-            else:
-                settings = check_backward_inputs(extra_inputs[0], q, k, v, *extra_inputs[1:],
-                                                 **options)
-            if layout not in LAYOUTS:
-                raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-            s, sk = settings["q length"], settings["k length"]
-            if layout == "zigzag" and (s % 2 or sk % 2):
-                raise ValueError(f"zigzag layout needs even local lengths (global length "
-                                 f"divisible by 2P = {2 * comm.size}), got q length {s}, "
-                                 f"k length {sk}")
-            if check_finite:
-                check_finite_arrays(q=q, k=k, v=v)
-            return settings
+            return check_sequence_inputs(qkv, extra_inputs, layout=layout, causal=causal,
+                                         softmax_scale=softmax_scale, transport=transport,
+                                         comm=context, window=window, seqlens=seqlens,
+                                         check_finite=check_finite)
 
         def acquire_all(settings):
             p = prepare(q, k, v, softmax_scale)

@@ -5,13 +5,13 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
-from ..layout import LAYOUTS, segments
+from ..layout import segments
 from ..masks import Mask
 from ..merge import CARRY_DTYPE
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
+from ..validation import ATTENTION_SETTINGS, agree
 from ._plan import plan_blocks
-from ._prepare import check_finite_arrays, prepare
+from ._prepare import check_sequence_inputs, prepare
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
@@ -142,29 +142,11 @@ class _UlyssesCall:
         size = comm.size
 
         def check():
-            options = dict(causal=causal, softmax_scale=softmax_scale, layout=layout,
-                           transport=transport, comm=context, window=window, seqlens=seqlens,
-                           check_finite=check_finite)
-            if extra_inputs is None:
-                settings = check_attention_inputs(q, k, v, **options)
-            else:
-                settings = check_backward_inputs(extra_inputs[0], q, k, v, *extra_inputs[1:],
-                                                 **options)
-            if layout not in LAYOUTS:
-                raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-            if settings["q length"] != settings["k length"]:
-                raise ValueError(f"q length {settings['q length']} and k length "
-                                 f"{settings['k length']} differ")
-            if layout == "zigzag" and settings["q length"] % 2:
-                raise ValueError(f"zigzag layout needs an even local length, got "
-                                 f"{settings['q length']}")
-            for name in ("heads of q", "heads of k/v"):
-                if settings[name] % size:
-                    raise ValueError(f"{name} ({settings[name]}) must be a multiple of the "
-                                     f"number of ranks ({size}) for Ulysses attention")
-            if check_finite:
-                check_finite_arrays(q=q, k=k, v=v)
-            return settings
+            return check_sequence_inputs(qkv, extra_inputs, layout=layout, heads_divisor=size,
+                                         same_length=True, causal=causal,
+                                         softmax_scale=softmax_scale, transport=transport,
+                                         comm=context, window=window, seqlens=seqlens,
+                                         check_finite=check_finite)
 
         agreement = agree(comm, function, check, ATTENTION_SETTINGS,
                           lambda _: prepare(q, k, v, softmax_scale), share=("q length",))
