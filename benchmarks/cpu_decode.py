@@ -23,13 +23,18 @@ def best_of(fn, repeats=5):
     return min(times)
 
 
-def main():
-    rng = np.random.default_rng(0)
-    big = rng.standard_normal(1 << 27, dtype=np.float32)  # 512 MiB, far beyond the caches
+def memory_bandwidth(rng):
+    """One-thread read and copy rates (bytes/s) over arrays far beyond the caches."""
+    big = rng.standard_normal(1 << 27, dtype=np.float32)  # 512 MiB
     other = np.empty_like(big)
     read = big.nbytes / best_of(lambda: big.sum())
     copy = 2 * big.nbytes / best_of(lambda: np.copyto(other, big))
-    del big, other
+    return read, copy
+
+
+def main():
+    rng = np.random.default_rng(0)
+    read, copy = memory_bandwidth(rng)
     print(f"machine: {os.cpu_count()} cores; one-thread read {read / 1e9:.1f} GB/s "
           f"(numpy sum), copy {copy / 1e9:.1f} GB/s (read + write)\n")
     print("| queries | heads q/kv | d | K/V length | ms | K/V GB/s | vs read | vs copy |")

@@ -46,7 +46,6 @@ from .mpi import CudaAwareTransport, HostTransport
 __all__ = ["TRANSPORTS", "Exchange", "check_transport", "get_transport", "cuda_aware_mpi"]
 
 TRANSPORTS = ("auto", "host", "nccl", "cuda-aware", "staged")
-_GPU_TRANSPORTS = ("auto", "nccl", "cuda-aware", "staged")
 
 
 def check_transport(context, name: str, q) -> str:
