@@ -49,19 +49,10 @@ step sass 120 build.log bash -c '
 for p in ss rs rs64 tma tma-driver; do
   step "probe-$p" 60 probes.log python3 benchmarks/sm90_probe.py "$p" --out "$OUT"
 done
+# which reading of the transposed V descriptor the hardware has, should `rs` fail
+# (the kernel assumes the one `rs` checks)
 if ! grep -q '"probe": "rs", "ok": true' "$OUT/probes.log"; then
   step probe-rs-swap 60 probes.log python3 benchmarks/sm90_probe.py rs-swap --out "$OUT"
-fi
-# if the V descriptor of the rs probe is wrong: the swapped LBO/SBO if that probe
-# passed, else P V through one N = 64 wgmma per panel if only the one-panel form is right
-if ! grep -q '"probe": "rs", "ok": true' "$OUT/probes.log"; then
-  if grep -q '"probe": "rs-swap", "ok": true' "$OUT/probes.log"; then
-    export SEQPAR_SM90_V_SWAP=1
-    echo "rs failed, rs-swap passed: SEQPAR_SM90_V_SWAP=1 for the tests and the benchmark" >> "$OUT/probes.log"
-  elif grep -q '"probe": "rs64", "ok": true' "$OUT/probes.log"; then
-    export SEQPAR_SM90_PV_SPLIT=1
-    echo "rs failed, rs64 passed: SEQPAR_SM90_PV_SPLIT=1 for the tests and the benchmark" >> "$OUT/probes.log"
-  fi
 fi
 # launch through cuda.bindings when CuPy cannot pass the tensor maps
 if ! grep -q '"probe": "tma", "ok": true' "$OUT/probes.log" &&
@@ -98,7 +89,7 @@ echo "==================== summary ===================="
 grep -h "^NVIDIA\|^name\|cupy " "$OUT/probes.log" | head -3
 grep -h "HGMMA per kernel" -A3 "$OUT/build.log" | head -4
 grep -h "registers\|spill" "$OUT/build.log" | sort | uniq -c | head -6
-grep -h '^{"probe"\|PV_SPLIT=\|V_SWAP=\|LAUNCH=' "$OUT/probes.log"
+grep -h '^{"probe"\|LAUNCH=' "$OUT/probes.log"
 printf '%s\n' "${SUMMARY[@]}"
 grep -hE "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -hE "^FAILED|Timeout" "$OUT/tests.log" | head -12

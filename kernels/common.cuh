@@ -6,6 +6,7 @@
 
 typedef unsigned short u16;
 typedef unsigned int u32;
+typedef unsigned long long u64;
 
 #define SP_NEG_INF (__int_as_float(0xff800000))
 #define SP_LN2 0.69314718055994530942f

@@ -30,10 +30,6 @@
 // this block into (out, lse) in place; rows that see no key are left unchanged.
 #include "sm90.cuh"
 
-#ifndef SP_NEG_INF
-#define SP_NEG_INF (__int_as_float(0xff800000))
-#endif
-
 namespace fwd90 {
 
 // ---------------------------------------------------------------------------
@@ -173,17 +169,17 @@ DEVI void softmax_step(float (&s)[BN / 2], bool partial, int key0, int lo_a, int
   const float mn_b = fmaxf(m_b, mx_b * sl2);
   const float mu_a = mn_a == SP_NEG_INF ? 0.f : mn_a;
   const float mu_b = mn_b == SP_NEG_INF ? 0.f : mn_b;
-  al_a = sm90::ex2(m_a - mu_a);
-  al_b = sm90::ex2(m_b - mu_b);
+  al_a = ex2(m_a - mu_a);
+  al_b = ex2(m_b - mu_b);
   m_a = mn_a;
   m_b = mn_b;
   float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
-    s[4 * j] = sm90::ex2(fmaf(s[4 * j], sl2, -mu_a));
-    s[4 * j + 1] = sm90::ex2(fmaf(s[4 * j + 1], sl2, -mu_a));
-    s[4 * j + 2] = sm90::ex2(fmaf(s[4 * j + 2], sl2, -mu_b));
-    s[4 * j + 3] = sm90::ex2(fmaf(s[4 * j + 3], sl2, -mu_b));
+    s[4 * j] = ex2(fmaf(s[4 * j], sl2, -mu_a));
+    s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], sl2, -mu_a));
+    s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], sl2, -mu_b));
+    s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], sl2, -mu_b));
     sum_a += s[4 * j] + s[4 * j + 1];
     sum_b += s[4 * j + 2] + s[4 * j + 3];
   }
@@ -195,7 +191,7 @@ DEVI void softmax_step(float (&s)[BN / 2], bool partial, int key0, int lo_a, int
 template <int BN, bool BF16>
 DEVI void to_a_fragments(const float (&s)[BN / 2], u32 (&p)[BN / 4]) {
 #pragma unroll
-  for (int i = 0; i < BN / 4; ++i) p[i] = sm90::pack2<BF16>(s[2 * i], s[2 * i + 1]);
+  for (int i = 0; i < BN / 4; ++i) p[i] = pack2<BF16>(s[2 * i], s[2 * i + 1]);
 }
 
 // S = Q K^T for one consumer: q_desc / k_desc describe the first k16 step of
@@ -212,34 +208,16 @@ DEVI void gemm_qk(float (&s)[BN / 2], u64 q_desc, u64 k_desc, u32 q_panel, u32 k
 }
 
 // O += P V: P from registers, V (keys x D) from shared memory, transposed operand.
-// One wgmma of N = D per 16 keys, the 64-column panels of V LBO = BN * 128 bytes
-// apart; SEQPAR_SM90_PV_SPLIT=1 issues one N = 64 wgmma per panel instead.
-#ifndef SEQPAR_SM90_PV_SPLIT
-#define SEQPAR_SM90_PV_SPLIT 0
-#endif
-// SEQPAR_SM90_V_SWAP=1 exchanges the LBO and SBO of the V descriptor (a diagnosis
-// switch: the probes decide which reading of the MN-major layout the hardware has).
-#ifndef SEQPAR_SM90_V_SWAP
-#define SEQPAR_SM90_V_SWAP 0
-#endif
+// One wgmma of N = D per 16 keys, the 64-column panels of V LBO = BN * 128 bytes apart.
 template <u32 KV_PANEL>
 DEVI u64 v_desc(u32 addr) {
-  return SEQPAR_SM90_V_SWAP ? sm90::desc_sw128(addr, 1024, KV_PANEL)
-                            : sm90::desc_sw128(addr, KV_PANEL, 1024);
+  return sm90::desc_sw128(addr, KV_PANEL, 1024);
 }
 template <int D, int BN, bool BF16>
 DEVI void gemm_pv(float (&o)[D / 2], const u32 (&p)[BN / 4], u64 v_desc) {
 #pragma unroll
-  for (int kk = 0; kk < BN / 16; ++kk) {
-    if constexpr (SEQPAR_SM90_PV_SPLIT && D > 64) {
-#pragma unroll
-      for (int pn = 0; pn < D / 64; ++pn)
-        sm90::Wgmma<64, BF16>::template rs<1>(o + 32 * pn, p + 4 * kk,
-                                              v_desc + ((kk * 2048 + pn * BN * 128) >> 4), 1);
-    } else {
-      sm90::Wgmma<D, BF16>::template rs<1>(o, p + 4 * kk, v_desc + ((kk * 2048) >> 4), 1);
-    }
-  }
+  for (int kk = 0; kk < BN / 16; ++kk)
+    sm90::Wgmma<D, BF16>::template rs<1>(o, p + 4 * kk, v_desc + ((kk * 2048) >> 4), 1);
 }
 
 }  // namespace fwd90
@@ -488,11 +466,11 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
           float x = o[4 * j + 2 * half] * wn, y = o[4 * j + 2 * half + 1] * wn;
           if (accumulate && wo != 0.f) {
             float ox, oy;
-            sm90::unpack2<BF16>(*p2, ox, oy);
+            unpack2<BF16>(*p2, ox, oy);
             x = fmaf(wo, ox, x);
             y = fmaf(wo, oy, y);
           }
-          *p2 = sm90::pack2<BF16>(x, y);
+          *p2 = pack2<BF16>(x, y);
         }
       }
       if (tq == 0) *lp = lse_out;

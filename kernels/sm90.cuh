@@ -32,12 +32,8 @@
 #define SEQPAR_SM90_ENABLED 0
 #endif
 
-#ifndef DEVI
-#define DEVI __device__ __forceinline__
-#endif
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+// DEVI, u16/u32/u64, pack2/unpack2, ex2 come from the shared primitives
+#include "common.cuh"
 
 // A CUtensorMap as the driver encodes it (cuTensorMapEncodeTiled): 128 opaque
 // bytes, 64-byte aligned, passed by value as a `const __grid_constant__` parameter.
@@ -135,31 +131,6 @@ DEVI void bar_sync(int id, int threads) {
 }
 DEVI void bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
-}
-
-// ---- 16-bit conversions -------------------------------------------------------
-template <bool BF16> DEVI u32 pack2(float lo, float hi) {
-  u32 r;
-  if constexpr (BF16) {
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  } else {
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  }
-  return r;
-}
-template <bool BF16> DEVI void unpack2(u32 x, float& lo, float& hi) {
-  if constexpr (BF16) {
-    lo = __uint_as_float(x << 16);
-    hi = __uint_as_float(x & 0xffff0000u);
-  } else {
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\n"
-        : "=f"(lo), "=f"(hi) : "r"(x));
-  }
-}
-DEVI float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // One m64nNk16 wgmma, fp32 accumulators d[N / 2] (per thread), acc = 0 overwrites.

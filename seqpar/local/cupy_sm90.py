@@ -88,15 +88,9 @@ def supports(q, k, v, out=None) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def _kernel(d, bf16, cfg, device_id):
     """(kernel, threads, dynamic shared bytes), compiled once per process and device."""
-    defines = tuple(f"-D{name}=1" for name in ("SEQPAR_SM90_PV_SPLIT", "SEQPAR_SM90_V_SWAP")
-                    if os.environ.get(name, "0") == "1")
-    return _compiled(d, bf16, cfg, device_id, defines)
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(d, bf16, cfg, device_id, defines):
     cupy = _cupy()
     name = (f"flash_fwd_sm90<{d}, {cfg.bn}, {cfg.nwg}, {cfg.stages}, "
             f"{'true' if bf16 else 'false'}, {'true' if cfg.pingpong else 'false'}, "
@@ -104,8 +98,7 @@ def _compiled(d, bf16, cfg, device_id, defines):
     threads = 128 * (cfg.nwg + 1)
     smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
     with cupy.cuda.Device(device_id):
-        # defines: diagnosis switches of the V operand (kernels/flash_forward_sm90.cu)
-        options = ("-std=c++17", "--gpu-architecture=sm_90a") + defines
+        options = ("-std=c++17", "--gpu-architecture=sm_90a")
         module = cupy.RawModule(code=source("flash_forward_sm90.cu"), options=options,
                                 name_expressions=[name])
         fn = module.get_function(name)
