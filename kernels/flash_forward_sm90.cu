@@ -29,63 +29,10 @@
 // q's dtype or float32, lse (B, Hq, Sq) float64, natural log. accumulate != 0 merges
 // this block into (out, lse) in place; rows that see no key are left unchanged.
 #include "sm90.cuh"
+#include "mask.cuh"
+#include "merge.cuh"
 
 namespace fwd90 {
-
-// ---------------------------------------------------------------------------
-// Visibility by global position (the rule of seqpar/masks.py): query at global
-// position i sees keys [lo(i), hi(i)], the intersection of the window
-// [i - left, i + right] (causal: right = 0; "unbounded" = 2^60) and of i's
-// document [start, end - 1]. Both bounds never decrease with i.
-// ---------------------------------------------------------------------------
-struct MaskArgs {
-  long long q0, k0;       // global position of query row 0 and of key row 0
-  long long left, right;  // window bounds
-  const long long* docs;  // document starts then the total length (ndocs + 1), or null
-  int ndocs;
-};
-
-// Visible keys of local query row `row` as local key indices [lo, hi], clamped to
-// [0, klen - 1]; lo > hi when none is visible.
-DEVI void row_bounds(const MaskArgs& m, int row, int klen, int& lo, int& hi) {
-  const long long pos = m.q0 + row;
-  long long l = pos - m.left, h = pos + m.right;
-  if (m.ndocs > 0) {
-    int a = 0, b = m.ndocs - 1;  // last document whose start <= pos (clipped)
-    while (a < b) {
-      const int c = (a + b + 1) >> 1;
-      if (m.docs[c] <= pos) a = c; else b = c - 1;
-    }
-    const long long s = m.docs[a], e = m.docs[a + 1];
-    l = l > s ? l : s;
-    h = h < e - 1 ? h : e - 1;
-  }
-  l -= m.k0;
-  h -= m.k0;
-  lo = (int)(l < 0 ? 0 : (l > klen ? klen : l));
-  hi = (int)(h < -1 ? -1 : (h > klen - 1 ? klen - 1 : h));
-}
-
-// ---------------------------------------------------------------------------
-// The merge of a partial (out, lse) with this block's, as seqpar/merge.py: the
-// weights are a sigmoid of the lse difference (convex, in [0, 1]), in float64.
-// ---------------------------------------------------------------------------
-DEVI void merge_weights(double lse_old, double lse_new, double& w_old, double& w_new,
-                        double& lse_out) {
-  if (lse_old == -__longlong_as_double(0x7ff0000000000000ll)) {
-    w_old = 0.0;
-    w_new = 1.0;
-    lse_out = lse_new;
-    return;
-  }
-  const double gap = lse_new - lse_old;
-  const double small = exp(-fabs(gap));
-  const double big = 1.0 / (1.0 + small);
-  const double smalls = small * big;
-  w_new = gap > 0 ? big : smalls;
-  w_old = gap > 0 ? smalls : big;
-  lse_out = (lse_old > lse_new ? lse_old : lse_new) + log1p(small);
-}
 
 // ---------------------------------------------------------------------------
 // Work tiles: (batch * head, query block) of the k-th tile of this block.
@@ -120,8 +67,8 @@ DEVI Tile tile_at(int idx, const MaskArgs& mask, const long long* key_lengths, i
   t.klen = (int)kl;
   const int last = (t.m0 + BM < Sq ? t.m0 + BM : Sq) - 1;
   int lo_first, hi_first, lo_last, hi_last;
-  row_bounds(mask, t.m0, t.klen, lo_first, hi_first);
-  row_bounds(mask, last, t.klen, lo_last, hi_last);
+  row_interval(mask, t.m0, t.klen, lo_first, hi_first);
+  row_interval(mask, last, t.klen, lo_last, hi_last);
   if (lo_first > hi_last) {
     t.t_lo = 0;
     t.n = 0;
@@ -330,10 +277,10 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
     const int w_first = t.m0 + 64 * cw < Sq ? t.m0 + 64 * cw : Sq - 1;
     const int w_last = (t.m0 + 64 * cw + 63 < Sq ? t.m0 + 64 * cw + 63 : Sq - 1);
     int lo_a, hi_a, lo_b, hi_b, lo_wl, hi_wf, dummy;
-    row_bounds(mask, row_a < Sq ? row_a : Sq - 1, t.klen, lo_a, hi_a);
-    row_bounds(mask, row_a + 8 < Sq ? row_a + 8 : Sq - 1, t.klen, lo_b, hi_b);
-    row_bounds(mask, w_first, t.klen, dummy, hi_wf);
-    row_bounds(mask, w_last, t.klen, lo_wl, dummy);
+    row_interval(mask, row_a < Sq ? row_a : Sq - 1, t.klen, lo_a, hi_a);
+    row_interval(mask, row_a + 8 < Sq ? row_a + 8 : Sq - 1, t.klen, lo_b, hi_b);
+    row_interval(mask, w_first, t.klen, dummy, hi_wf);
+    row_interval(mask, w_last, t.klen, lo_wl, dummy);
 
     float o[D / 2];
     float m_a = SP_NEG_INF, m_b = SP_NEG_INF, l_a = 0.f, l_b = 0.f;
@@ -438,12 +385,11 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
       const bool has = l > 0.f;
       if (accumulate && !has) continue;  // nothing seen: the partial result stays
       double* lp = Lse + t.b * lsb + t.h * lsh + row;
-      const double inv = has ? 1.0 / (double)l : 0.0;
-      const double lse_new =
-          has ? (double)m * 0.69314718055994530942 + log((double)l) : -__longlong_as_double(0x7ff0000000000000ll);
-      double w_old = 0.0, w_new = 1.0, lse_out = lse_new;
-      if (accumulate) merge_weights(*lp, lse_new, w_old, w_new, lse_out);
-      const float wn = (float)(w_new * inv), wo = (float)w_old;
+      const float inv = has ? (float)(1.0 / (double)l) : 0.f;
+      const double lse_new = has ? lse_of(m, l) : -__longlong_as_double(0x7ff0000000000000ll);
+      float wo = 0.f, wn = inv;
+      double lse_out = lse_new;
+      if (accumulate) merge_weights(*lp, lse_new, inv, wo, wn, lse_out);
       const long long obase = t.b * osb + (long long)row * oss + t.h * osh;
       if (out_f32) {
         float* op = reinterpret_cast<float*>(Out) + obase + 2 * tq;

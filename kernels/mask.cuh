@@ -34,20 +34,24 @@ DEVI void mask_bounds(const MaskArgs& m, long long p, long long& lo, long long& 
   }
 }
 
+// Visible keys of local query row `row` as local key indices [lo, hi], clamped to
+// [0, Sk - 1]; lo > hi when it sees none.
+DEVI void row_interval(const MaskArgs& m, int row, int Sk, int& lo, int& hi) {
+  long long l, h;
+  mask_bounds(m, m.q_off + row, l, h);
+  l -= m.k_off;
+  h -= m.k_off;
+  lo = l < 0 ? 0 : (l > Sk ? Sk : (int)l);
+  hi = h < -1 ? -1 : (h >= Sk ? Sk - 1 : (int)h);
+}
+
 // Local interval of rows m0 .. m0 + rows - 1 into s_lo / s_hi (all threads of the
 // block take part; a barrier must follow). Rows past Sq repeat the last row, so the
 // block's last row is always row rows - 1. Empty intervals have lo > hi.
 DEVI void fill_row_bounds(int* s_lo, int* s_hi, const MaskArgs& m, int m0, int rows, int Sq,
                           int Sk) {
-  for (int r = threadIdx.x; r < rows; r += blockDim.x) {
-    const int row = (m0 + r < Sq ? m0 + r : Sq - 1);
-    long long lo, hi;
-    mask_bounds(m, m.q_off + row, lo, hi);
-    lo -= m.k_off;
-    hi -= m.k_off;
-    s_lo[r] = lo < 0 ? 0 : (lo > Sk ? Sk : (int)lo);
-    s_hi[r] = hi < -1 ? -1 : (hi >= Sk ? Sk - 1 : (int)hi);
-  }
+  for (int r = threadIdx.x; r < rows; r += blockDim.x)
+    row_interval(m, m0 + r < Sq ? m0 + r : Sq - 1, Sk, s_lo[r], s_hi[r]);
 }
 
 // Does any key of [n0, n1) need masking for rows r0..r1 (local), given the bounds?
