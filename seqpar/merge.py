@@ -8,11 +8,21 @@ Two partial results over disjoint key sets, each normalised within its own set,
 
 The weights are computed from the difference ``lse2 - lse1`` alone, as a
 sigmoid, so they lie in [0, 1] and sum to one: the merged output stays a convex
-combination of values (within the range of V) at any score magnitude. The lse
-that is carried between merges is float64 (``CARRY_DTYPE``): a float32 lse of
-magnitude 1e5 is only known to 0.01, which would make every weight wrong by a
-percent; float64 keeps the difference exact to far below float32 resolution. It
-costs 8 bytes per (batch, head, query), nothing next to the outputs.
+combination of values (within the range of V) at any score magnitude.
+
+What is carried between merges decides the accuracy at large score magnitudes.
+A float32 lse of magnitude 1e5 is only known to 0.01, which would make every
+weight wrong by a percent, so the carry is float64 (``CARRY_DTYPE``). Even a
+float64 lse of magnitude c is known only to c * 1e-16, which is far more than a
+float64 computation's error when c is large (1e-6 at c = 1e10). So the carry may
+also be *split*: an array with a trailing axis of two, ``(top, rest)`` with
+``lse = top + rest``, where ``top`` is a score the kernel computed (a row
+maximum) and ``rest`` the log of the row's sum relative to it (between 0 and the
+log of the number of keys). Gaps are then formed as ``(top2 - top1) + (rest2 -
+rest1)``: the difference of two computed scores is exact, so a merge adds no
+error a one-block computation would not have, at any magnitude. The NumPy
+backend carries split lse (16 bytes per row instead of 8); the GPU kernels carry
+plain float64 lse, which is exact for their float32-or-narrower scores.
 
 An lse of -inf (no visible key) has weight zero; two of them give lse -inf and
 o 0, never NaN. Written once against the array module of its inputs.
@@ -23,16 +33,49 @@ import numpy as np
 
 from ._arrays import array_module
 
-__all__ = ["CARRY_DTYPE", "merge_into", "merge_weights"]
+__all__ = ["CARRY_DTYPE", "new_carry", "carried_lse", "carry_parts", "merge_into",
+           "merge_weights"]
 
 CARRY_DTYPE = np.dtype(np.float64)
 
 
+def new_carry(xp, shape, *, split: bool):
+    """An empty carry (every row lse -inf) for rows of ``shape`` (B, H, S): float64,
+    with a trailing (top, rest) axis when ``split``."""
+    if not split:
+        return xp.full(shape, -np.inf, dtype=CARRY_DTYPE)
+    carry = xp.zeros(tuple(shape) + (2,), dtype=CARRY_DTYPE)
+    carry[..., 0] = -np.inf
+    return carry
+
+
+def carry_parts(carry):
+    """(top, rest) of a split carry (B, H, S, 2); (lse, 0.0) of a plain one (B, H, S)."""
+    if carry.ndim == 4:
+        return carry[..., 0], carry[..., 1]
+    return carry, 0.0
+
+
+def carried_lse(carry):
+    """The lse (float64, natural log) a carry stands for."""
+    if carry.ndim != 4:
+        return carry
+    with np.errstate(invalid="ignore"):
+        return carry[..., 0] + carry[..., 1]  # -inf + 0 stays -inf
+
+
 def merge_weights(lse, block_lse):
-    """(w_old, w_new, merged lse) for merging ``block_lse`` into ``lse``, -inf safe."""
-    xp = array_module(lse)
+    """(w_old, w_new, merged) for merging ``block_lse`` into ``lse``, -inf safe.
+
+    Either argument is an lse array or a ``(top, rest)`` pair (a split carry, see
+    the module docstring); ``merged`` is then a (top, rest) pair too.
+    """
+    split = isinstance(lse, tuple) or isinstance(block_lse, tuple)
+    top_old, rest_old = lse if isinstance(lse, tuple) else (lse, 0.0)
+    top_new, rest_new = block_lse if isinstance(block_lse, tuple) else (block_lse, 0.0)
+    xp = array_module(top_old)
     with np.errstate(invalid="ignore", over="ignore"):
-        gap = block_lse - lse                     # NaN where both are -inf
+        gap = (top_new - top_old) + (rest_new - rest_old)  # NaN where both are -inf
         both_empty = xp.isnan(gap)
         gap = xp.where(both_empty, -np.inf, gap)  # keep the old (empty) result
         small = xp.exp(-xp.abs(gap))              # in [0, 1]
@@ -41,7 +84,11 @@ def merge_weights(lse, block_lse):
         newer = gap > 0
         w_new = xp.where(newer, big_share, small_share)
         w_old = xp.where(newer, small_share, big_share)
-        merged = xp.maximum(lse, block_lse) + xp.log1p(small)
+        if split:
+            top = xp.where(newer, top_new, top_old)
+            rest = xp.where(newer, rest_new, rest_old) + xp.log1p(small)
+            return w_old, w_new, (top, rest)
+        merged = xp.maximum(top_old, top_new) + xp.log1p(small)
     return w_old, w_new, merged
 
 
@@ -52,15 +99,20 @@ def merge_into(out, lse, block_out, block_lse) -> None:
     ----------
     out, block_out : array, shape (..., S, H, D)
         Normalised partial outputs; ``out`` is float32 or float64.
-    lse, block_lse : array, shape (..., H, S)
+    lse, block_lse : array, shape (..., H, S), or (B, H, S, 2) split carries
         Their log-sum-exp values (natural log); ``lse`` is the float64 carry.
     """
-    w_old, w_new, merged = merge_weights(lse, block_lse)
+    split = lse.ndim == 4
+    block = carry_parts(block_lse) if block_lse.ndim == 4 else block_lse
+    w_old, w_new, merged = merge_weights(carry_parts(lse) if split else lse, block)
     dtype = out.dtype
     # (..., H, S) weights broadcast against (..., S, H, D) outputs
     out *= _per_row(w_old).astype(dtype, copy=False)
     out += _per_row(w_new).astype(dtype, copy=False) * block_out
-    lse[...] = merged
+    if split:
+        lse[..., 0], lse[..., 1] = merged
+    else:
+        lse[...] = merged
 
 
 def _per_row(weights):

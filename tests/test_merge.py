@@ -145,3 +145,48 @@ def test_weights_are_convex(rng, acc):
     lse = np.array([[[3e5]]])
     merge_into(out, lse, np.full((1, 1, 1, 4), top, dtype=acc), np.array([[[3e5]]]))
     assert np.all(out <= np.float32(top))
+
+
+def _offset_problem(rng, dtype, offset, tokens, heads=4, kv_heads=2, d=8):
+    """q, k, v whose scores (softmax_scale 1) are ``offset`` + O(1) noise, computed
+    exactly in float64: dyadic entries and q[..., 0] = offset against k[..., 0] = 1,
+    so any error beyond the one-rank kernel's comes from how blocks are merged."""
+    q = rng.integers(-2, 3, (1, tokens, heads, d)) / 4
+    k = rng.integers(-2, 3, (1, tokens, kv_heads, d)) / 4
+    v = rng.standard_normal((1, tokens, kv_heads, d))
+    q[..., 0], k[..., 0] = offset, 1.0
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("offset", [1e4, 1e6, 1e10])
+def test_strategies_exact_at_any_score_magnitude(rng, comm, dtype, offset):
+    """Scores sharing a large offset: every strategy's P-rank error stays within 2x the
+    one-rank error (the merges carry (max, log-sum) apart, not their rounded sum)."""
+    import seqpar
+
+    tokens = 8 * comm.size
+    q, k, v = _offset_problem(rng, dtype, offset, tokens)
+    for causal in (False, True):
+        ref = reference_attention(q, k, v, softmax_scale=1.0, causal=causal)[0]
+        one = relative_error(seqpar.attention(q, k, v, softmax_scale=1.0, causal=causal), ref)
+        bound = 2 * max(one, 1e-15 if dtype == "float64" else 1e-7)
+        local = [seqpar.shard(x, comm) for x in (q, k, v)]
+        runs = {"ring": lambda: seqpar.ring_attention(*local, comm=comm, softmax_scale=1.0,
+                                                      causal=causal),
+                "ulysses": lambda: seqpar.ulysses_attention(*local, comm=comm,
+                                                            softmax_scale=1.0, causal=causal)}
+        if comm.size % 2 == 0:
+            runs["hybrid"] = lambda: seqpar.hybrid_attention(
+                *local, ulysses_size=2, comm=comm, softmax_scale=1.0, causal=causal)
+        for name, run in runs.items():
+            if name == "ulysses" and 2 % comm.size:
+                continue  # Ulysses splits the heads (4 and 2) across the ranks
+            error = relative_error(seqpar.gather(run(), comm), ref)
+            assert error <= bound, (name, causal, error, one)
+    ref = reference_attention(q, k, v, softmax_scale=1.0)[0]
+    one = relative_error(seqpar.attention(q, k, v, softmax_scale=1.0), ref)
+    out = seqpar.kv_sharded_attention(q, seqpar.shard(k, comm), seqpar.shard(v, comm),
+                                      comm=comm, softmax_scale=1.0)
+    assert relative_error(out, ref) <= 2 * max(one, 1e-15 if dtype == "float64" else 1e-7)

@@ -25,7 +25,10 @@ import numpy as np
 
 from ..masks import UNBOUNDED
 
-__all__ = ["forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
+# GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
+SPLIT_CARRY = False
+
+__all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
            "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)

@@ -19,7 +19,11 @@ from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
 from ..merge import CARRY_DTYPE, merge_weights
 
-__all__ = ["forward", "backward", "backward_delta", "visible_key_range"]
+__all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "visible_key_range"]
+
+# The carry between merges keeps (row max, log of the sum) apart (seqpar.merge): with
+# float64 scores the weights then stay exact at any score magnitude.
+SPLIT_CARRY = True
 
 # Rows (query positions x group) and keys per score tile: 512 x 1024 float32
 # scores are 2 MiB, large enough for efficient BLAS calls, small enough for L2/L3
@@ -121,19 +125,24 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
         row_max = new_max
     seen = row_sum > 0
     o_tile /= np.where(seen, row_sum, 1)[:, None]
-    with np.errstate(divide="ignore"):
-        tile_lse = np.where(seen, row_max.astype(CARRY_DTYPE)
-                            + np.log(np.where(seen, row_sum, 1).astype(CARRY_DTYPE)), -np.inf)
+    # the block's lse as (top, rest): its row max and the log of the sum below it
+    top = np.where(seen, row_max, -np.inf).astype(CARRY_DTYPE).reshape(p1 - p0, group).T
+    rest = np.log(np.where(seen, row_sum, 1).astype(CARRY_DTYPE)).reshape(p1 - p0, group).T
     o_tile = o_tile.reshape(p1 - p0, group, d)
-    tile_lse = tile_lse.reshape(p1 - p0, group).T
     out_rows, lse_rows = out[b, p0:p1, heads, :], lse[b, heads, p0:p1]
+    split = lse.ndim == 4
     if accumulate:
-        w_old, w_new, merged = merge_weights(lse_rows.astype(CARRY_DTYPE), tile_lse)
+        old = (lse_rows[..., 0], lse_rows[..., 1]) if split else lse_rows.astype(CARRY_DTYPE)
+        w_old, w_new, merged = merge_weights(old, (top, rest))
         o_tile *= w_new.T[..., None].astype(acc)
         o_tile += w_old.T[..., None].astype(acc) * out_rows
-        tile_lse = merged
+        top, rest = merged
     out_rows[...] = o_tile
-    lse_rows[...] = tile_lse
+    if split:
+        lse_rows[..., 0], lse_rows[..., 1] = top, rest
+    else:
+        with np.errstate(invalid="ignore"):
+            lse_rows[...] = top + rest
 
 
 def _as(x, dtype):

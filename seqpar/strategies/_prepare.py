@@ -9,7 +9,7 @@ import numpy as np
 
 from .._arrays import accumulation_dtype, array_module
 from ..local import kernel_for
-from ..merge import CARRY_DTYPE
+from ..merge import carried_lse, new_carry
 
 __all__ = ["Prepared", "prepare", "check_finite_arrays", "check_key_lengths",
            "public_lse_dtype", "check_sequence_inputs"]
@@ -29,15 +29,19 @@ class Prepared:
     def accumulator(self):
         return accumulation_dtype(self.q.dtype)
 
-    def new_lse(self, rows: int, fill=-np.inf):
-        batch, _, heads, _ = self.q.shape
-        return self.xp.full((batch, heads, rows), fill, dtype=CARRY_DTYPE)
+    def new_lse(self, rows: int, heads: int | None = None):
+        """An empty carry for ``rows`` queries of each head (all heads of q unless
+        ``heads``), in the form this backend's kernels merge into (seqpar.merge)."""
+        batch, _, hq, _ = self.q.shape
+        return new_carry(self.xp, (batch, hq if heads is None else heads, rows),
+                         split=self.kernel.SPLIT_CARRY)
 
     def finish(self, out, lse, return_lse):
         """Cast to q's dtype and lse to its public dtype, drop the batch axis of 3-D
         input, attach lse if asked."""
         if out.dtype != self.q.dtype:
             out = out.astype(self.q.dtype)
+        lse = carried_lse(lse)
         if self.squeeze:
             out, lse = out[0], lse[0]
         if not return_lse:

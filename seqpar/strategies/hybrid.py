@@ -7,6 +7,7 @@ from .. import comms
 from .._interop import accepts_dlpack
 from ..layout import Placement
 from ..masks import Mask
+from ..merge import carried_lse
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
 from ._prepare import check_sequence_inputs, prepare
@@ -105,7 +106,7 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
             comms.progress("all-to-all of the output inside the group", "the group's ranks")
             out = _to_sequence_shards(xp, inside, out, group_lengths)
             if return_lse:
-                lse = _rows_to_sequence_shards(xp, inside, lse, group_lengths)
+                lse = _rows_to_sequence_shards(xp, inside, carried_lse(lse), group_lengths)
         return p.finish(out, lse, return_lse)
 
 

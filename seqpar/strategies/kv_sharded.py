@@ -5,7 +5,7 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
-from ..merge import CARRY_DTYPE
+from ..merge import CARRY_DTYPE, carry_parts
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
 from ._prepare import check_finite_arrays, check_key_lengths, prepare
@@ -81,15 +81,19 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         with comms.communicating():
             comms.progress("local attention")
             numerators = sums[:p.q.size].reshape(p.q.shape)
-            out, lse = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=numerators,
-                                        key_lengths=agreement.settings["key_lengths"])
-            comms.progress("Allreduce of the largest lse", "every rank")
-            global_max = lse.copy()
+            out, carry = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=numerators,
+                                          lse=p.new_lse(p.q.shape[1]),
+                                          key_lengths=agreement.settings["key_lengths"])
+            top, rest = carry_parts(carry)
+            comms.progress("Allreduce of the largest score", "every rank")
+            global_max = xp.ascontiguousarray(top)
             mover.allreduce(global_max, "max")
             finite_max = xp.where(global_max == -np.inf, 0, global_max)
-            denominators = sums[p.q.size:].reshape(lse.shape)
-            # weights exp(lse - max) in [0, 1], formed in float64; 0 where a rank saw no key
-            weights = xp.exp(lse - finite_max)
+            denominators = sums[p.q.size:].reshape(top.shape)
+            # weights exp(lse - max) formed from (top - max) + rest, exact at any magnitude
+            # (the difference of two computed scores); at most the rank's key count; 0
+            # where a rank saw no key
+            weights = xp.exp((top - finite_max) + rest)
             denominators[...] = weights
             numerators *= weights.astype(acc).transpose(0, 2, 1)[..., None]
             comms.progress("Allreduce of numerators and denominators", "every rank")

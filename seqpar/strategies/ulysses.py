@@ -7,7 +7,7 @@ from .. import comms
 from .._interop import accepts_dlpack
 from ..layout import segments
 from ..masks import Mask
-from ..merge import CARRY_DTYPE
+from ..merge import carried_lse
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
 from ._plan import plan_blocks
@@ -66,7 +66,7 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
             q_all, k_all, v_all = (_to_head_shards(xp, mover, x, lengths) for x in (p.q, p.k, p.v))
             batch, _, hq, _ = p.q.shape
             out = xp.zeros(q_all.shape, dtype=p.accumulator)
-            lse = xp.full((batch, hq // len(lengths), sum(lengths)), -np.inf, dtype=CARRY_DTYPE)
+            lse = p.new_lse(sum(lengths), heads=hq // len(lengths))
             comms.progress("local attention")
             for block in call.blocks():
                 p.kernel.forward(q_all[:, block.q_rows], k_all[:, block.k_rows],
@@ -78,7 +78,7 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
             comms.progress("all-to-all of the output", "every rank")
             out = _to_sequence_shards(xp, mover, out, lengths)
             if return_lse:
-                lse = _rows_to_sequence_shards(xp, mover, lse, lengths)
+                lse = _rows_to_sequence_shards(xp, mover, carried_lse(lse), lengths)
         return p.finish(out, lse, return_lse)
 
 
