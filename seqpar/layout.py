@@ -186,8 +186,8 @@ def gather(x, comm=None, layout: str = "contiguous", axis: int = 1):
         agreement = agree(comm, "gather", check, _AGREE_GATHER, share=("length",))
         per_rank = agreement.shared["length"].tolist()
         if layout == "zigzag" and len(set(per_rank)) != 1:
-            raise ValueError(f"zigzag layout needs the same local length on every rank, "
-                             f"got {per_rank}")
+            raise comms.collective(ValueError(
+                f"zigzag layout needs the same local length on every rank, got {per_rank}"))
         xp = array_module(x)
         axis = axis % x.ndim
         with comms.communicating():

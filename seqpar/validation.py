@@ -1,41 +1,44 @@
 """Collective agreement: every rank raises the same clear error, or none does.
 
 Each rank checks its own arguments and, if they are fine, acquires what the call
-needs (outputs, buffers); then ONE Allgather of a fixed-size message tells every
-rank which function every other rank called, from which thread, with which
-settings, whether its check or its allocation failed, and its local lengths. So
-a bad argument, a MemoryError, mismatched calls (different functions or
-settings on different ranks) or an interrupted rank give the same error on every
-rank before any point-to-point message, and the message never depends on what
-the other ranks called (a size mismatch would be an MPI error or a hang). Only
-on the error path do ranks exchange more: the text of the offending rank's
-message, or the values that differ.
+needs (outputs, buffers); then ONE fixed-size message per rank, gathered by rank
+0 and broadcast back, tells every rank which function every other rank called,
+with which settings, whether its check or its allocation failed, and its local
+lengths. So a bad argument, a MemoryError, mismatched calls (different functions
+or settings on different ranks) or an interrupted rank give the same error on
+every rank before any point-to-point message, and the message never depends on
+what the other ranks called (a size mismatch would be an MPI error or a hang).
+Only on the error path do ranks exchange more: the text of the offending rank's
+message, or the values that differ. Rank 0 receives the messages one by one, so
+when the watchdog (SEQPAR_TIMEOUT) ends a wait there it names the ranks that
+never arrived.
 """
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from mpi4py import MPI
 
-from .comms import resolve_comm
+from . import comms
+from .comms import collective, resolve_comm
 
-__all__ = ["resolve_comm", "agree", "Agreement", "ATTENTION_SETTINGS",
+__all__ = ["resolve_comm", "agree", "report_failure", "Agreement", "ATTENTION_SETTINGS",
            "check_attention_inputs", "check_backward_inputs"]
 
 _MESSAGE_BYTES = 1024
 _HASH_MASK = (1 << 62) - 1
 _MAX_SETTINGS = 24
 _MAX_SHARED = 4
-# slots: status, function, thread, settings hashes, shared ints
-_STATUS, _FUNCTION, _THREAD, _SETTINGS = 0, 1, 2, 3
+# slots: status, function, settings hashes, shared ints
+_STATUS, _FUNCTION, _SETTINGS = 0, 1, 2
 _SHARED = _SETTINGS + _MAX_SETTINGS
 _WIDTH = _SHARED + _MAX_SHARED
 # what a failed rank reports, in this order; anything else is "failed"
 _KINDS = (ValueError, TypeError, MemoryError)
+_TAG = 32767  # the agreement's messages to rank 0 (MPI guarantees tags up to 32767)
 
 
 @dataclass
@@ -81,44 +84,33 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         (which re-raises its own exception).
     """
     assert len(agree_on) <= _MAX_SETTINGS and len(share) <= _MAX_SHARED
+    record = comms.current_call()
     settings: Mapping[str, Any] = {}
     resources = None
     failure: BaseException | None = None
+    mine = np.zeros(_WIDTH, dtype=np.int64)
     try:
+        if record is not None and record.deferred is not None:
+            raise record.deferred  # found before the agreement (comm, thread, timeout)
         settings = check()
         if acquire is not None:
             resources = acquire(settings)
-    except BaseException as exc:  # noqa: BLE001 - reported to every rank, re-raised below
-        failure = exc
-
-    mine = np.zeros(_WIDTH, dtype=np.int64)
-    mine[_FUNCTION] = _fingerprint(function)
-    mine[_THREAD] = _fingerprint(threading.current_thread().name)
-    if failure is not None:
-        mine[_STATUS] = 1 + next((i for i, t in enumerate(_KINDS) if isinstance(failure, t)),
-                                 len(_KINDS))
-    else:
         for i, name in enumerate(agree_on):
             mine[_SETTINGS + i] = _fingerprint(settings[name])
         for i, name in enumerate(share):
             mine[_SHARED + i] = int(settings[name])
-    everyone = np.empty((comm.size, _WIDTH), dtype=np.int64)
-    comm.Allgather(mine, everyone)
+    except BaseException as exc:  # noqa: BLE001 - reported to every rank, re-raised below
+        failure = exc
+        mine[_STATUS] = 1 + next((i for i, t in enumerate(_KINDS) if isinstance(exc, t)),
+                                 len(_KINDS))
+    mine[_FUNCTION] = _fingerprint(function)
+    everyone = _exchange(comm, mine, function)
+    if record is not None:
+        record.agreed = True  # from here, an exception on one rank alone ends the job
+    comms.progress("agreed with every rank")
 
-    if np.any(everyone[:, _FUNCTION] != everyone[0, _FUNCTION]):
-        names = _gather_text(comm, function)
-        calls = ", ".join(f"rank {r} called {name}" for r, name in enumerate(names))
-        _raise(ValueError(f"the ranks called different seqpar functions ({calls}); every "
-                          "rank of the communicator must make the same call"), failure)
-    if np.any(everyone[:, _THREAD] != everyone[0, _THREAD]):
-        names = _gather_text(comm, threading.current_thread().name)
-        other = next(r for r, name in enumerate(names) if name != names[0])
-        _raise(ValueError(f"{function}: rank 0 called from thread {names[0]!r}, rank {other} "
-                          f"from thread {names[other]!r}: calls from several threads on one "
-                          "communicator pair up by thread name (or use one communicator "
-                          "per thread, e.g. comm.Dup())"), failure)
     failed = np.flatnonzero(everyone[:, _STATUS])
-    if failed.size:
+    if failed.size:  # the cause comes first: a failed rank may also differ in its call
         culprit = int(failed[0])
         status = int(everyone[culprit, _STATUS])
         text = ""
@@ -127,27 +119,68 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         text = _broadcast_text(comm, text, culprit)
         if comm.rank == culprit:
             if status <= len(_KINDS):
-                raise _KINDS[status - 1](f"rank {culprit}: {text}") from failure
-            raise failure
+                raise collective(_KINDS[status - 1](f"rank {culprit}: {text}")) from failure
+            raise collective(failure)
         kind = _KINDS[status - 1] if status <= len(_KINDS) else RuntimeError
-        raise kind(f"rank {culprit}: {text}" if status <= len(_KINDS) else
-                   f"{function} failed on rank {culprit}: {text}")
+        raise collective(kind(f"rank {culprit}: {text}" if status <= len(_KINDS) else
+                              f"{function} failed on rank {culprit}: {text}"))
+    if np.any(everyone[:, _FUNCTION] != everyone[0, _FUNCTION]):
+        names = _gather_text(comm, function)
+        calls = ", ".join(f"rank {r} called {name}" for r, name in enumerate(names))
+        raise collective(ValueError(f"the ranks called different seqpar functions ({calls}); "
+                                    "every rank of the communicator must make the same call"))
     settings_hashes = everyone[:, _SETTINGS:_SETTINGS + len(agree_on)]
     differs = np.flatnonzero(np.any(settings_hashes != settings_hashes[0], axis=0))
     if differs.size:
         name = agree_on[int(differs[0])]
         values = _gather_text(comm, repr(settings[name]))
         other = next(r for r, value in enumerate(values) if value != values[0])
-        raise ValueError(f"{function}: {name} differs across ranks: rank 0 has {values[0]}, "
-                         f"rank {other} has {values[other]}; it must be the same on every rank")
+        raise collective(ValueError(f"{function}: {name} differs across ranks: rank 0 has "
+                                    f"{values[0]}, rank {other} has {values[other]}; it must "
+                                    "be the same on every rank"))
     shared = {name: everyone[:, _SHARED + i].copy() for i, name in enumerate(share)}
     return Agreement(settings, resources, shared)
 
 
-def _raise(error: Exception, failure: BaseException | None):
-    if failure is not None and not isinstance(failure, Exception):
-        raise failure  # KeyboardInterrupt and the like stay what they are on their rank
-    raise error
+def report_failure(comm: MPI.Comm, function: str, error: BaseException) -> None:
+    """Take part in the agreement of ``function`` on ``comm`` as a rank that failed
+    with ``error`` before it could check its arguments: every rank raises."""
+    def check():
+        raise error
+
+    agree(comm, function, check, ())
+
+
+def _exchange(comm: MPI.Comm, mine: np.ndarray, function: str) -> np.ndarray:
+    """Every rank's message, on every rank: gathered by rank 0, then broadcast."""
+    size = comm.size
+    everyone = np.empty((size, mine.size), dtype=np.int64)
+    if size == 1:
+        everyone[0] = mine
+        return everyone
+    if comm.rank == 0:
+        everyone[0] = mine
+        requests = [comm.Irecv(everyone[r], source=r, tag=_TAG) for r in range(1, size)]
+        missing = set(range(1, size))
+
+        def absent() -> str:
+            ranks = sorted(missing)
+            listed = ", ".join(map(str, ranks[:16])) + (" ..." if len(ranks) > 16 else "")
+            return (f"rank{'s' if len(ranks) > 1 else ''} {listed} of {size}, which "
+                    f"did not call {function} (or another seqpar function) on this "
+                    "communicator")
+
+        comms.progress("checking arguments with every rank", absent)
+        while missing:
+            done = MPI.Request.Waitsome(requests) or []
+            missing.difference_update(i + 1 for i in done)
+    else:
+        comm.Send(mine, dest=0, tag=_TAG)
+        # rank 0 names the ranks that never came: give it time to say so first
+        comms.progress("checking arguments with every rank",
+                       f"rank 0, which gathers every rank's check of {function}", 1.25)
+    comm.Bcast(everyone, root=0)
+    return everyone
 
 
 def _fingerprint(value: object) -> int:

@@ -164,10 +164,26 @@ def test_comm_not_a_comm(comm, rng, fn):
             "kv_sharded": lambda: seqpar.kv_sharded_attention(x, x, x, comm=42),
             "shard": lambda: seqpar.shard(x, comm=object()),
             "gather": lambda: seqpar.gather(x, comm=[comm])}[fn]
-    # raised locally on each rank (there is no communicator to agree over); the
-    # message shows each rank's own object, so only the type and text are compared
-    raises_everywhere(comm, TypeError, r"^comm must be an mpi4py.MPI.Comm, got ", call,
-                      same_message=False)
+    # reported through an agreement on COMM_WORLD (the default every rank has)
+    raises_everywhere(comm, TypeError, r"^rank 0: comm must be an mpi4py.MPI.Comm, got ", call)
+    _still_works(comm, rng)
+
+
+@pytest.mark.parametrize("fn", ["ring", "kv_sharded", "shard", "gather"])
+def test_comm_invalid_on_one_rank(comm, rng, fn):
+    """One rank passes something that is no communicator, the others COMM_WORLD: the
+    error reaches every rank (through an agreement on COMM_WORLD), nobody waits."""
+    if comm.size < 2:
+        pytest.skip("needs 2 ranks")
+    x = random_array(rng, (1, 2 * S, 2, 4), "float64")
+    bad = comm.size - 1
+    mine = 42 if comm.rank == bad else None
+    call = {"ring": lambda: seqpar.ring_attention(x, x, x, comm=mine),
+            "kv_sharded": lambda: seqpar.kv_sharded_attention(x, x, x, comm=mine),
+            "shard": lambda: seqpar.shard(x, comm=mine),
+            "gather": lambda: seqpar.gather(x, comm=mine)}[fn]
+    raises_everywhere(comm, TypeError, rf"^rank {bad}: comm must be an mpi4py.MPI.Comm, "
+                      "got 42", call)
     _still_works(comm, rng)
 
 

@@ -21,7 +21,8 @@ forward: out is (B, Sq, Hq, D), of q's dtype or the accumulation dtype (float32;
 float64 for float64 input); lse is (B, Hq, Sq) float64 (the precision carried
 between merges, see :mod:`seqpar.merge`), natural log, or, where the backend's
 ``SPLIT_CARRY`` is true and the caller passes one, a split carry (B, Hq, Sq, 2)
-of (top, rest) with lse = top + rest. Both are allocated (plain) when not given. accumulate=False overwrites them with this block's normalised output
+of (top, rest) with lse = top + rest. Both are allocated (plain) when not given.
+accumulate=False overwrites them with this block's normalised output
 and log-sum-exp; a row that sees no key gets out 0 and lse -inf.
 accumulate=True treats them as a running partial result and merges this block
 into them in place (rows that see no key stay unchanged).

@@ -68,10 +68,12 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
         lengths = agreement.shared["q length"].tolist()
         settings = agreement.settings
         if layout == "zigzag" and len(set(lengths)) != 1:
-            raise ValueError(f"zigzag layout needs the same length on every rank, got {lengths}")
+            raise comms.collective(ValueError(
+                f"zigzag layout needs the same length on every rank, got {lengths}"))
         if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(lengths):
-            raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
-                             f"sequence has {sum(lengths)} tokens")
+            raise comms.collective(ValueError(
+                f"seqlens sum to {sum(settings['seqlens'])} but the global sequence has "
+                f"{sum(lengths)} tokens"))
         mask = Mask.build(causal, settings["window"], settings["seqlens"])
         group, ring_context = groups_of(context, int(ulysses_size))
         u = int(ulysses_size)

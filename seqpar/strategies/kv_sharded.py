@@ -86,7 +86,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
                                           key_lengths=agreement.settings["key_lengths"])
             top, rest = carry_parts(carry)
             comms.progress("Allreduce of the largest score", "every rank")
-            global_max = xp.ascontiguousarray(top)
+            global_max = top.copy()  # reduced in place; top stays this rank's
             mover.allreduce(global_max, "max")
             finite_max = xp.where(global_max == -np.inf, 0, global_max)
             denominators = sums[p.q.size:].reshape(top.shape)

@@ -207,12 +207,14 @@ class _Ring:
         k_lengths = tuple(agreement.shared["k length"].tolist())
         for name, lengths in (("q", q_lengths), ("k", k_lengths)):
             if layout == "zigzag" and len(set(lengths)) != 1:
-                raise ValueError(f"zigzag layout needs the same {name} length on every rank, "
-                                 f"got {list(lengths)}")
+                raise comms.collective(ValueError(
+                    f"zigzag layout needs the same {name} length on every rank, got "
+                    f"{list(lengths)}"))
         settings = agreement.settings
         if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(k_lengths):
-            raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
-                             f"sequence has {sum(k_lengths)} tokens")
+            raise comms.collective(ValueError(
+                f"seqlens sum to {sum(settings['seqlens'])} but the global sequence has "
+                f"{sum(k_lengths)} tokens"))
         mask = Mask.build(causal, settings["window"], settings["seqlens"])
         q_place, k_place = Placement.of(layout, q_lengths), Placement.of(layout, k_lengths)
         if len(set(k_lengths)) > 1:  # uneven shards (all ranks know): size buffers anew

@@ -1,7 +1,6 @@
 """Ulysses attention: all-to-all from sequence shards to head shards and back."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
@@ -153,12 +152,13 @@ class _UlyssesCall:
         self.p = agreement.resources
         self.lengths = agreement.shared["q length"].tolist()
         if layout == "zigzag" and len(set(self.lengths)) != 1:
-            raise ValueError(f"zigzag layout needs the same length on every rank, got "
-                             f"{self.lengths}")
+            raise comms.collective(ValueError(
+                f"zigzag layout needs the same length on every rank, got {self.lengths}"))
         settings = agreement.settings
         if settings["seqlens"] is not None and sum(settings["seqlens"]) != sum(self.lengths):
-            raise ValueError(f"seqlens sum to {sum(settings['seqlens'])} but the global "
-                             f"sequence has {sum(self.lengths)} tokens")
+            raise comms.collective(ValueError(
+                f"seqlens sum to {sum(settings['seqlens'])} but the global sequence has "
+                f"{sum(self.lengths)} tokens"))
         self.mask = Mask.build(causal, settings["window"], settings["seqlens"])
         self.layout = layout
         self.mover = get_transport(context, self.p.q, transport)
