@@ -6,7 +6,7 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["array_module", "accumulation_dtype", "dtype_name", "is_supported_dtype"]
+__all__ = ["array_module", "accumulation_dtype", "dtype_name", "is_supported_dtype", "native"]
 
 _SUPPORTED = ("float16", "bfloat16", "float32", "float64")
 
@@ -33,3 +33,15 @@ def is_supported_dtype(dtype) -> bool:
 def accumulation_dtype(dtype) -> np.dtype:
     """float64 for float64 input, float32 for everything narrower."""
     return np.dtype(np.float64) if dtype_name(dtype) == "float64" else np.dtype(np.float32)
+
+
+def native(x):
+    """``x``, or a copy of it in this machine's byte order when its dtype is not.
+
+    Arrays travel between ranks as raw bytes, so every rank must hold the same byte
+    order: a big-endian array (``x.astype(">f4")``) is read, never written, and
+    computed on as a native copy.
+    """
+    if x.dtype.isnative:
+        return x
+    return x.astype(x.dtype.newbyteorder("="))

@@ -5,6 +5,10 @@ but has ``__dlpack__`` is viewed as one of them (host memory as NumPy, CUDA memo
 as CuPy: zero copy), and results come back as the caller's kind through the
 ``from_dlpack`` of the library the first such argument came from. seqpar imports
 none of those libraries: it only looks them up in ``sys.modules``.
+
+A conversion that fails does not raise on its own rank: the argument becomes an
+:class:`Unconvertible` that the function's argument check raises, inside the
+collective agreement, so every rank raises the same error.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["accepts_dlpack"]
+__all__ = ["accepts_dlpack", "Unconvertible", "raise_unconvertible"]
 
 _CPU, _CUDA, _CUDA_HOST, _CUDA_MANAGED = 1, 2, 3, 13  # DLPack device types
 
@@ -38,7 +42,11 @@ def accepts_dlpack(*names: str):
                 value = bound.arguments.get(name)
                 if value is None or not _foreign(value):
                     continue
-                bound.arguments[name] = _as_native(value, name)
+                try:
+                    bound.arguments[name] = _as_native(value, name)
+                except Exception as exc:  # noqa: BLE001 - raised by the collective check
+                    bound.arguments[name] = Unconvertible(name, value, exc)
+                    continue
                 if name == names[0]:  # the result takes the kind of the main array
                     origin = type(value)
             result = function(*bound.args, **bound.kwargs)
@@ -47,6 +55,27 @@ def accepts_dlpack(*names: str):
         return wrapper
 
     return decorate
+
+
+class Unconvertible:
+    """An argument whose DLPack conversion failed: the error waits for the check."""
+
+    def __init__(self, name: str, value, error: Exception):
+        self.name, self.value, self.error = name, value, error
+        if not isinstance(error, TypeError):
+            self.error = TypeError(f"{name}: a {type(value).__module__}."
+                                   f"{type(value).__name__} could not be viewed through "
+                                   f"DLPack ({type(error).__name__}: {error})")
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: {self.error}>"
+
+
+def raise_unconvertible(*values) -> None:
+    """Raise the conversion error of the first :class:`Unconvertible` among ``values``."""
+    for value in values:
+        if isinstance(value, Unconvertible):
+            raise value.error
 
 
 def _foreign(x) -> bool:

@@ -34,6 +34,9 @@ class ShardedKVCache:
         float16, bfloat16 (``ml_dtypes.bfloat16``), float32, float64 (CPU only).
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
+    tag : int, optional
+        The channel of every call of this cache (see :func:`seqpar.ring_attention`):
+        needed when the cache is used from a thread other than the main thread.
     gpu : bool
         Keep the cache in CuPy arrays on the current device (see
         :func:`seqpar.use_local_device`).
@@ -45,8 +48,8 @@ class ShardedKVCache:
     """
 
     def __init__(self, capacity: int, kv_heads: int, head_dim: int, *, batch: int = 1,
-                 dtype="float32", comm=None, gpu: bool = False):
-        with comms.call(comm, "ShardedKVCache") as context:
+                 dtype="float32", comm=None, gpu: bool = False, tag: int | None = None):
+        with comms.call(comm, "ShardedKVCache", tag) as context:
             def check():
                 for name, value in (("capacity", capacity), ("kv_heads", kv_heads),
                                     ("head_dim", head_dim), ("batch", batch)):
@@ -72,7 +75,7 @@ class ShardedKVCache:
             agreement = agree(context.comm, "ShardedKVCache", check, ("shape", "dtype", "gpu"),
                               acquire)
         self._xp, self.k, self.v = agreement.resources
-        self.comm = comm
+        self.comm, self.tag = comm, tag
         self.capacity = int(capacity)
         self._size, self._rank = context.comm.size, context.comm.rank
         self._lengths = np.zeros(int(batch), dtype=np.int64)   # global, per row
@@ -106,14 +109,14 @@ class ShardedKVCache:
             On every rank, when a row would exceed the capacity or shapes differ.
         """
         batch, _, kv_heads, head_dim = self.k.shape
-        with comms.call(self.comm, "ShardedKVCache.append") as context:
+        with comms.call(self.comm, "ShardedKVCache.append", self.tag) as context:
             def check():
                 for name, x in (("k", k), ("v", v)):
                     if getattr(x, "ndim", None) != 4 or x.shape[0] != batch or \
                             x.shape[2:] != (kv_heads, head_dim):
                         raise ValueError(f"{name} must have shape ({batch}, n, {kv_heads}, "
                                          f"{head_dim}), got {getattr(x, 'shape', None)}")
-                    if x.dtype != self.k.dtype:
+                    if x.dtype.name != self.k.dtype.name:
                         raise TypeError(f"{name} has dtype {x.dtype.name}, the cache holds "
                                         f"{self.k.dtype.name}")
                 if k.shape != v.shape:
@@ -160,7 +163,7 @@ class ShardedKVCache:
         out (and lse) as :func:`seqpar.kv_sharded_attention` returns them, the same on
         every rank.
         """
-        return kv_sharded_attention(q, self.k, self.v, comm=self.comm,
+        return kv_sharded_attention(q, self.k, self.v, comm=self.comm, tag=self.tag,
                                     softmax_scale=softmax_scale, return_lse=return_lse,
                                     transport=transport, key_lengths=self._local)
 

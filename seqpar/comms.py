@@ -4,13 +4,21 @@ Every seqpar call talks on a private duplicate of the user's communicator, made
 on first use, cached on it (an MPI attribute) and freed with it, so seqpar's
 messages never meet the user's.
 
-Threads: calls on one communicator pair up across ranks in the order each rank
-makes them, which only one thread per rank can define. So a communicator belongs
-to the first thread that calls seqpar on it (until that thread ends); a call on
-it from another thread raises the same ValueError on every rank (through the
-collective check), never pairs with an unrelated call. Threads that run seqpar
-concurrently give each their own communicator (``comm.Dup()``, made in the same
-order on every rank).
+Threads: calls pair up across ranks in the order each rank makes them on one
+*channel*: a communicator, or a communicator and a ``tag=`` (an int the caller
+gives every call that belongs together, e.g. a task's index: calls with another
+tag never meet it). Only one thread per rank can define that order, so:
+
+- untagged calls come from the main thread; a call from any other thread without a
+  tag raises the same ValueError on every rank (a thread pool's tasks run in a
+  different order on each rank, and nothing seqpar can see tells them apart);
+- a channel belongs to the first thread that uses it until that thread ends; a
+  call on it from another live thread raises on every rank.
+
+So a thread pool passes each task's own tag (or each thread its own
+``comm.Dup()`` and a tag), and calls never pair with an unrelated call. A tagged
+channel is a communicator of its own, made on its first use with
+``MPI_Comm_create_group`` under that tag, which threads may do concurrently.
 
 A call acquires what it needs and agrees with the other ranks before its first
 point-to-point message (:mod:`seqpar.validation`). Anything that fails on one
@@ -37,9 +45,10 @@ import time
 import traceback
 from contextlib import contextmanager
 
+import numpy as np
 from mpi4py import MPI
 
-__all__ = ["resolve_comm", "CallContext", "call", "communicating", "progress",
+__all__ = ["resolve_comm", "check_tag", "MAX_TAG", "CallContext", "call", "communicating", "progress",
            "waiting", "collective", "is_collective", "current_call"]
 
 _CREATE_LOCK = threading.Lock()
@@ -68,16 +77,47 @@ def is_collective(error: BaseException) -> bool:
     return getattr(error, _COLLECTIVE, False)
 
 
+MAX_TAG = 32767  # the largest tag MPI guarantees
+
+
+def check_tag(tag) -> None:
+    """``tag`` is None or an int in [0, MAX_TAG]; TypeError or ValueError naming it."""
+    if tag is None:
+        return
+    if isinstance(tag, bool) or not isinstance(tag, (int, np.integer)):
+        raise TypeError(f"tag must be an int or None, got {tag!r}")
+    if not 0 <= tag <= MAX_TAG:
+        raise ValueError(f"tag must lie in [0, {MAX_TAG}], got {tag}")
+
+
 class CallContext:
-    """What seqpar keeps per user communicator: its private duplicate, a lock, the
-    thread that owns it, and what calls on it build once (transports,
-    sub-communicators), freed with it."""
+    """What seqpar keeps per channel (a user communicator, or one of its tags): its
+    private communicator, a lock, the thread that owns it, and what calls on it build
+    once (transports, sub-communicators, tagged channels), freed with it."""
 
     def __init__(self, user_comm: MPI.Comm | None = None, *, private: MPI.Comm | None = None):
         self.comm = private if private is not None else user_comm.Dup()
         self.lock = threading.RLock()
         self.owner: threading.Thread | None = None
         self.cache: dict = {}
+        self._channels_lock = threading.Lock()
+        self._making: dict = {}
+
+    def channel(self, tag: int) -> "CallContext":
+        """The context of calls with ``tag``: made on first use (collective over the
+        ranks, safe beside other threads' calls), cached, freed with this one."""
+        key = ("tag", int(tag))
+        with self._channels_lock:  # held briefly: creation waits for the other ranks
+            making = self._making.setdefault(key, threading.Lock())
+        with making:
+            if key not in self.cache:
+                group = self.comm.Get_group()
+                try:
+                    private = self.comm.Create_group(group, tag=int(tag))
+                finally:
+                    group.Free()
+                self.cache[key] = CallContext(private=private)
+            return self.cache[key]
 
     def close(self) -> None:
         self.free()
@@ -91,18 +131,24 @@ class CallContext:
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()
 
-    def claim(self) -> Exception | None:
+    def claim(self, tag) -> Exception | None:
         """Make the calling thread the owner (first caller, or the owner has ended);
-        the error to report when another live thread owns the communicator."""
+        the error to report when it may not call on this channel."""
         me, owner = threading.current_thread(), self.owner
+        if tag is None and me is not threading.main_thread():
+            return ValueError(
+                f"this call comes from thread {me.name!r}, not the main thread, without a "
+                "tag: calls from other threads pair up across ranks only by a tag that "
+                "says which calls belong together (e.g. tag=task_index, the same on every "
+                "rank), since threads run in a different order on each rank")
         if owner is None or owner is me or not owner.is_alive():
             self.owner = me
             return None
+        what = "comm" if tag is None else f"comm with tag {tag}"
         return ValueError(
-            f"comm is used by thread {owner.name!r} of this rank and this call comes from "
-            f"thread {me.name!r}: calls from several threads on one communicator cannot be "
-            "paired up across ranks. Give each thread its own communicator (comm.Dup(), "
-            "made in the same order on every rank)")
+            f"{what} is used by thread {owner.name!r} of this rank and this call comes from "
+            f"thread {me.name!r}: calls from two threads on one channel cannot be paired "
+            "up across ranks; give each thread's calls their own tag= (or communicator)")
 
 
 def _delete(comm, keyval, context: CallContext) -> None:
@@ -153,11 +199,12 @@ def current_call() -> _Call | None:
 
 
 @contextmanager
-def call(comm, function: str):
-    """Run one seqpar call on ``comm``'s private duplicate; yields its CallContext.
+def call(comm, function: str, tag=None):
+    """Run one seqpar call on the private communicator of ``comm`` (and ``tag``);
+    yields its CallContext.
 
-    Serialises calls on one communicator across threads, registers the call with
-    the watchdog, and turns an exception on this rank into the same error on every
+    Serialises calls on one channel across threads, registers the call with the
+    watchdog, and turns an exception on this rank into the same error on every
     rank (before the agreement) or the end of the job (after it).
     """
     record, outer = _Call(MPI.COMM_WORLD, function), current_call()
@@ -176,10 +223,18 @@ def call(comm, function: str):
         progress("making seqpar's communicator (first call on this communicator)",
                  "every rank")
         context = context_of(user_comm)
+        try:
+            check_tag(tag)
+        except (TypeError, ValueError) as exc:
+            record.deferred, tag = record.deferred or exc, None
+        if tag is not None:
+            progress(f"making seqpar's communicator for tag {tag} (first call with it)",
+                     "every rank")
+            context = context.channel(tag)
         record.comm = context.comm
         progress("waiting for another thread's call on this communicator")
         with context.lock:
-            record.deferred = record.deferred or context.claim()
+            record.deferred = record.deferred or context.claim(tag)
             progress("checking arguments")
             try:
                 yield context

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 
 from . import comms
-from ._interop import accepts_dlpack
-from ._arrays import array_module
+from ._interop import accepts_dlpack, raise_unconvertible
+from ._arrays import array_module, native
 from .validation import agree
 
 __all__ = ["LAYOUTS", "Placement", "segments", "split_lengths", "local_indices", "shard", "gather"]
@@ -118,7 +118,8 @@ def local_indices(n: int, comm=None, layout: str = "contiguous", lengths=None) -
 
 
 @accepts_dlpack("x")
-def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None):
+def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None, *,
+          tag: int | None = None):
     """This rank's slice of a global array that every rank holds.
 
     Parameters
@@ -127,6 +128,10 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None)
         The global array, the same shape on every rank.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
+    tag : int, optional
+        Pairs this call only with calls of the same tag (0 to 32767) on the other
+        ranks; needed for calls from threads other than the main thread, which run
+        in a different order on each rank (see :mod:`seqpar.comms`).
     layout : {"contiguous", "zigzag"}
     axis : int
         The sequence axis (1 for (batch, seq, heads, head_dim)).
@@ -138,7 +143,7 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None)
     -------
     A new C-contiguous array holding this rank's tokens along ``axis``.
     """
-    with comms.call(comm, "shard") as context:
+    with comms.call(comm, "shard", tag) as context:
         comm = context.comm
 
         def check():
@@ -158,7 +163,8 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None)
 
 
 @accepts_dlpack("x")
-def gather(x, comm=None, layout: str = "contiguous", axis: int = 1):
+def gather(x, comm=None, layout: str = "contiguous", axis: int = 1, *,
+           tag: int | None = None):
     """The global array, on every rank, from each rank's slice (inverse of :func:`shard`).
 
     Parameters
@@ -166,13 +172,13 @@ def gather(x, comm=None, layout: str = "contiguous", axis: int = 1):
     x : numpy.ndarray or cupy.ndarray
         This rank's slice; the same shape but for ``axis`` on every rank (which
         may differ in length with the contiguous layout).
-    comm, layout, axis : as for :func:`shard`.
+    comm, layout, axis, tag : as for :func:`shard`.
 
     Returns
     -------
     An array of x's type and dtype holding every rank's tokens along ``axis``.
     """
-    with comms.call(comm, "gather") as context:
+    with comms.call(comm, "gather", tag) as context:
         comm = context.comm
 
         def check():
@@ -215,6 +221,7 @@ def _settings(x, layout, axis):
 
 
 def _check_layout_args(x, layout, axis):
+    raise_unconvertible(x)
     try:
         array_module(x)
     except TypeError:
@@ -233,7 +240,8 @@ def _take(x, start, stop, axis):
 
 
 def _to_host(x):
-    return x if isinstance(x, np.ndarray) else x.get()
+    """A host array in native byte order (it travels as bytes)."""
+    return native(x) if isinstance(x, np.ndarray) else x.get()
 
 
 def _bytes(a: np.ndarray) -> np.ndarray:

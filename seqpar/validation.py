@@ -221,8 +221,10 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
     Raises TypeError or ValueError that names the argument at fault.
     """
     from ._arrays import array_module, dtype_name, is_supported_dtype
+    from ._interop import raise_unconvertible
     from .masks import check_mask_arguments
 
+    raise_unconvertible(q, k, v)
     arrays = {"q": q, "k": k, "v": v}
     for name, x in arrays.items():
         try:
@@ -244,7 +246,7 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
         if not is_supported_dtype(x.dtype):
             raise TypeError(f"{name} has dtype {dtype_name(x.dtype)}; supported: "
                             "float16, bfloat16, float32, float64")
-        if x.dtype != q.dtype:
+        if dtype_name(x.dtype) != dtype_name(q.dtype):  # byte order aside (read natively)
             raise TypeError(f"{name} has dtype {dtype_name(x.dtype)} but q has "
                             f"{dtype_name(q.dtype)}: q, k and v must share one dtype")
         if getattr(x, "device", None) != getattr(q, "device", None):
@@ -291,6 +293,9 @@ def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
     """Local checks of a backward call's arguments: those of the forward
     (:func:`check_attention_inputs`), then ``dout`` and ``out`` like q and ``lse`` of
     shape (B, Hq, Sq) (or (Hq, Sq) for 3-D input), float32 or float64."""
+    from ._interop import raise_unconvertible
+
+    raise_unconvertible(dout, out, lse)
     settings = check_attention_inputs(q, k, v, **options)
     for name, x in (("dout", dout), ("out", out)):
         if type(x) is not type(q):
@@ -298,7 +303,7 @@ def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
                             f"{type(q).__module__}.{type(q).__name__}")
         if x.shape != q.shape:
             raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
-        if x.dtype != q.dtype:
+        if x.dtype.name != q.dtype.name:
             raise TypeError(f"{name} has dtype {x.dtype.name} but q has {q.dtype.name}")
     if type(lse) is not type(q):
         raise TypeError(f"lse is a {type(lse).__module__}.{type(lse).__name__} but q is a "

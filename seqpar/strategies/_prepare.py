@@ -7,7 +7,8 @@ from types import ModuleType
 
 import numpy as np
 
-from .._arrays import accumulation_dtype, array_module
+from .._arrays import accumulation_dtype, array_module, native
+from .._interop import raise_unconvertible
 from ..local import kernel_for
 from ..merge import carried_lse, new_carry
 
@@ -50,8 +51,9 @@ class Prepared:
 
 
     def extras(self, *arrays):
-        """The backward's extra arrays (dout, out, lse), 3-D input promoted like q."""
-        return tuple(x[None] if self.squeeze else x for x in arrays)
+        """The backward's extra arrays (dout, out, lse), 3-D input promoted like q, in
+        native byte order."""
+        return tuple(native(x[None] if self.squeeze else x) for x in arrays)
 
     def finish_gradients(self, dq, dk, dv):
         """Gradients in the dtypes of q, k, v, without the batch axis of 3-D input."""
@@ -66,7 +68,9 @@ def public_lse_dtype(dtype) -> np.dtype:
 
 
 def prepare(q, k, v, softmax_scale) -> Prepared:
-    """Inputs already checked by :func:`seqpar.validation.check_attention_inputs`."""
+    """Inputs already checked by :func:`seqpar.validation.check_attention_inputs`; read
+    in native byte order (a copy of any array that is not)."""
+    q, k, v = native(q), native(k), native(v)
     squeeze = q.ndim == 3
     if squeeze:
         q, k, v = q[None], k[None], v[None]
@@ -94,6 +98,7 @@ def check_key_lengths(key_lengths, batch: int, keys: int, xp):
     Host values are checked (0 <= L <= keys); a CuPy array is only checked for shape
     and dtype (its values would cost a device sync): the kernel clamps them.
     """
+    raise_unconvertible(key_lengths)
     if key_lengths is None:
         return None
     device_array = xp is not np and isinstance(key_lengths, xp.ndarray)

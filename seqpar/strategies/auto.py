@@ -1,8 +1,10 @@
 """Choosing a strategy from the shapes, the heads and the number of ranks."""
 from __future__ import annotations
 
-from .._interop import accepts_dlpack
+from .. import comms
+from .._interop import accepts_dlpack, raise_unconvertible
 from ..comms import resolve_comm
+from ..validation import report_failure
 from .hybrid import hybrid_attention
 from .kv_sharded import kv_sharded_attention
 from .ring import ring_attention
@@ -75,20 +77,37 @@ def sequence_parallel_attention(q, k, v, *, comm=None, strategy: str = "auto",
         Keywords of the chosen strategy (causal, softmax_scale, layout, return_lse,
         transport, window, seqlens, check_finite, ...).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    size = resolve_comm(comm).size
-    if strategy == "auto":
-        strategy, chosen = choose_strategy(size, q.shape[-2], k.shape[-2], queries=queries,
-                                           window=options.get("window"))
-        ulysses_size = chosen if strategy == "hybrid" else ulysses_size
+    try:
+        strategy, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, options)
+    except Exception as exc:  # noqa: BLE001 - every rank raises, not this one alone
+        # the other ranks are in their strategy's agreement: report there, so they raise
+        # the same error (a choice that differs between ranks is caught there as well)
+        with comms.call(comm, "sequence_parallel_attention", options.get("tag")) as context:
+            report_failure(context.comm, "sequence_parallel_attention", exc)
     if stats is not None:
-        stats.update(strategy=strategy, ulysses_size=(
-            ulysses_size if strategy == "hybrid" else size if strategy == "ulysses" else 1))
+        stats.update(strategy=strategy, ulysses_size=ulysses_size)
     if strategy == "hybrid":
-        if ulysses_size is None:
-            raise ValueError("strategy 'hybrid' needs ulysses_size")
         return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm, **options)
     call = {"ring": ring_attention, "ulysses": ulysses_attention,
             "kv_sharded": kv_sharded_attention}[strategy]
     return call(q, k, v, comm=comm, **options)
+
+
+def _pick(comm, q, k, strategy, queries, ulysses_size, options) -> tuple[str, int]:
+    """The strategy and its Ulysses group size, from this rank's arguments."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    raise_unconvertible(q, k)
+    size = resolve_comm(comm).size
+    if strategy == "auto":
+        for name, x in (("q", q), ("k", k)):
+            if getattr(x, "ndim", None) not in (3, 4):
+                raise TypeError(f"{name} must be an array of 3 or 4 dimensions (seq, heads, "
+                                f"head_dim) or (batch, seq, heads, head_dim), got {x!r:.80}")
+        strategy, chosen = choose_strategy(size, q.shape[-2], k.shape[-2], queries=queries,
+                                           window=options.get("window"))
+        ulysses_size = chosen if strategy == "hybrid" else ulysses_size
+    if strategy == "hybrid" and ulysses_size is None:
+        raise ValueError("strategy 'hybrid' needs ulysses_size")
+    return strategy, (ulysses_size if strategy == "hybrid" else
+                      size if strategy == "ulysses" else 1)

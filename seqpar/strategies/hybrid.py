@@ -21,7 +21,7 @@ __all__ = ["hybrid_attention", "groups_of"]
 def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = False,
                      softmax_scale: float | None = None, layout: str = "contiguous",
                      return_lse: bool = False, transport: str = "auto", window=None,
-                     seqlens=None, check_finite: bool = False):
+                     seqlens=None, check_finite: bool = False, tag: int | None = None):
     """Exact attention with the communicator split into U x P/U ranks.
 
     Ranks r with the same r // U form a Ulysses group: an all-to-all inside it turns
@@ -39,13 +39,13 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
         U: ranks per Ulysses group; it must divide the number of ranks, and the
         heads of q and of k/v.
     comm, causal, softmax_scale, layout, return_lse, transport, window, seqlens,
-    check_finite : as for :func:`seqpar.ring_attention`.
+    check_finite, tag : as for :func:`seqpar.ring_attention`.
 
     Returns
     -------
     out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
-    with comms.call(comm, "hybrid_attention") as context:
+    with comms.call(comm, "hybrid_attention", tag) as context:
         comm = context.comm
         size = comm.size
 

@@ -12,14 +12,17 @@ from ._prepare import check_finite_arrays, check_key_lengths, prepare
 
 __all__ = ["kv_sharded_attention", "kv_sharded_attention_backward"]
 
-# the key length may differ across ranks (an empty slice is fine); all else must agree
-_AGREE = tuple(name for name in ATTENTION_SETTINGS if name not in ("window", "seqlens"))
+# the key length may differ across ranks (an empty slice is fine); all else must agree,
+# the number of queries too (the Allreduces add one buffer of that size)
+_AGREE = tuple(name for name in ATTENTION_SETTINGS
+               if name not in ("window", "seqlens")) + ("q length",)
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
 def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = None,
                          return_lse: bool = False, transport: str = "auto",
-                         key_lengths=None, check_finite: bool = False):
+                         key_lengths=None, check_finite: bool = False,
+                         tag: int | None = None):
     """Attention of the same queries on every rank over K/V split across the ranks.
 
     The shape of decoding: each rank attends its queries to its own K/V slice,
@@ -36,6 +39,10 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
         be 0. Hq must be a multiple of Hk. Any memory layout; never written.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
+    tag : int, optional
+        Pairs this call only with calls of the same tag (0 to 32767) on the other
+        ranks; needed for calls from threads other than the main thread, which run
+        in a different order on each rank (see :mod:`seqpar.comms`).
     softmax_scale : float, optional
         Defaults to 1 / sqrt(D).
     return_lse : bool
@@ -53,7 +60,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
     out : array of q's type, shape and dtype, the same on every rank;
         (out, lse) when ``return_lse``.
     """
-    with comms.call(comm, "kv_sharded_attention") as context:
+    with comms.call(comm, "kv_sharded_attention", tag) as context:
         comm = context.comm
 
         def check():
@@ -108,7 +115,8 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
-                                  softmax_scale: float | None = None, transport: str = "auto"):
+                                  softmax_scale: float | None = None, transport: str = "auto",
+                                  tag: int | None = None):
     """Gradients of :func:`kv_sharded_attention`.
 
     Each rank computes the gradients over its own K/V slice with the forward's
@@ -119,14 +127,14 @@ def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
     dout, q, out, lse : the same on every rank (as the forward returns them: out and
         lse, ``return_lse=True``, are identical on every rank)
     k, v : this rank's slice, as in the forward
-    comm, softmax_scale, transport : as for the forward
+    comm, softmax_scale, transport, tag : as for the forward
 
     Returns
     -------
     dq : the same on every rank (summed over the ranks' key slices)
     dk, dv : this rank's slices' gradients; shapes and dtypes of q, k, v.
     """
-    with comms.call(comm, "kv_sharded_attention_backward") as context:
+    with comms.call(comm, "kv_sharded_attention_backward", tag) as context:
         comm = context.comm
 
         def check():

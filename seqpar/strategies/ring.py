@@ -22,7 +22,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
                    softmax_scale: float | None = None, layout: str = "contiguous",
                    return_lse: bool = False, transport: str = "auto",
                    stats: dict | None = None, window=None, seqlens=None,
-                   check_finite: bool = False):
+                   check_finite: bool = False, tag: int | None = None):
     """Exact attention over a sequence split across the ranks of ``comm``.
 
     Each rank holds its slice of Q, K and V (see :func:`seqpar.shard` and
@@ -44,6 +44,10 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         multiple of Hk. Any memory layout; never written.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
+    tag : int, optional
+        Pairs this call only with calls of the same tag (0 to 32767) on the other
+        ranks; needed for calls from threads other than the main thread, which run
+        in a different order on each rank (see :mod:`seqpar.comms`).
     causal : bool
         Mask by global position: key j is hidden from query i when j > i.
     softmax_scale : float, optional
@@ -83,7 +87,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
         On every rank, naming the argument and the rank at fault, before any
         point-to-point traffic.
     """
-    with comms.call(comm, "ring_attention") as context:
+    with comms.call(comm, "ring_attention", tag) as context:
         def acquire(p, own):
             return p.xp.zeros(p.q.shape, dtype=p.accumulator), p.new_lse(p.q.shape[1])
 
@@ -112,7 +116,7 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
 def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                             softmax_scale: float | None = None, layout: str = "contiguous",
                             transport: str = "auto", window=None, seqlens=None,
-                            stats: dict | None = None):
+                            stats: dict | None = None, tag: int | None = None):
     """Gradients of :func:`ring_attention` for this rank's slices of q, k and v.
 
     K/V travel as in the forward; the gradient of each block's keys and values
@@ -129,7 +133,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
     q, k, v : this rank's forward inputs (any memory layout; never written)
     out, lse : this rank's forward output and log-sum-exp (``return_lse=True``:
         (B, Hq, S), float32 or float64).
-    comm, causal, softmax_scale, layout, transport, window, seqlens :
+    comm, causal, softmax_scale, layout, transport, window, seqlens, tag :
         as for the forward, and the same on every rank.
     stats : dict, optional
         Filled like the forward's, for the K/V exchange, plus "gradient_bytes_sent".
@@ -139,7 +143,7 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v; with
         grouped-query attention dk, dv sum over the query heads sharing a K/V head.
     """
-    with comms.call(comm, "ring_attention_backward") as context:
+    with comms.call(comm, "ring_attention_backward", tag) as context:
         def acquire(p, own):
             grad, lse4, out4 = p.extras(dout, lse, out)
             delta = p.kernel.backward_delta(grad, out4)
@@ -269,7 +273,9 @@ class _Ring:
                     attend(self.own, comm.rank, own_targets, None)
                 pending = None  # the step whose gradients travel home
                 for i, step in enumerate(steps):
-                    exchange.wait()
+                    with comms.waiting(f"step {step.shift}: waiting for the transfer",
+                                       step.peers):
+                        exchange.wait()
                     received = self._blocks_in(sets[i % 2], step.recv)
                     if i + 1 < len(steps):
                         self._start(exchange, steps[i + 1], sets[(i + 1) % 2])
@@ -284,14 +290,15 @@ class _Ring:
                         attend(received, step.source, targets, step.recv)
                     if back is not None:
                         if pending is not None:
-                            self._add_home(back.wait(), own_targets, pending.send)
+                            self._add_home(self._wait_home(back, pending), own_targets,
+                                           pending.send)
                         # this block's gradient goes home; ours comes from where ours went
                         back.start(targets or [], step.source, step.dest,
                                    self._blocks_in(returns, step.send) if step.dest is not None
                                    else [], tag=size + step.shift)
                         pending = step
                 if back is not None and pending is not None:
-                    self._add_home(back.wait(), own_targets, pending.send)
+                    self._add_home(self._wait_home(back, pending), own_targets, pending.send)
             finally:
                 if back is not None:
                     back.free()
@@ -307,7 +314,7 @@ class _Ring:
 
     def _start(self, exchange, step, flats):
         """Post a step: our keys [send) row by row of the batch, the source's into flats."""
-        comms.progress(f"step {step.shift}", step.peers)
+        comms.progress(f"step {step.shift}: posting the transfer")
         sends = []
         if step.dest is not None:
             a, b = step.send
@@ -315,6 +322,12 @@ class _Ring:
         recvs = [block[i] for block in self._blocks_in(flats, step.recv)
                  for i in range(block.shape[0])]
         exchange.start(sends, step.dest, step.source, recvs, tag=step.shift)
+
+    @staticmethod
+    def _wait_home(back, step):
+        with comms.waiting(f"step {step.shift}: waiting for gradients to come home",
+                           step.peers):
+            return back.wait()
 
     @staticmethod
     def _add_home(arrived, own_targets, keys):

@@ -19,7 +19,7 @@ __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
                       softmax_scale: float | None = None, layout: str = "contiguous",
                       return_lse: bool = False, transport: str = "auto", window=None,
-                      seqlens=None, check_finite: bool = False):
+                      seqlens=None, check_finite: bool = False, tag: int | None = None):
     """Exact attention by head parallelism: every head still sees every token.
 
     An all-to-all turns "S/P tokens, all heads" into "all tokens, H/P heads" on each
@@ -35,6 +35,10 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
         number of ranks P, and Hq of Hk. Any memory layout; never written.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
+    tag : int, optional
+        Pairs this call only with calls of the same tag (0 to 32767) on the other
+        ranks; needed for calls from threads other than the main thread, which run
+        in a different order on each rank (see :mod:`seqpar.comms`).
     causal : bool
         Mask by global position.
     softmax_scale : float, optional
@@ -55,7 +59,7 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
     -------
     out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
-    with comms.call(comm, "ulysses_attention") as context:
+    with comms.call(comm, "ulysses_attention", tag) as context:
         call = _UlyssesCall(context, "ulysses_attention", (q, k, v), None, softmax_scale,
                             layout, causal, window, seqlens, transport, check_finite)
         p, mover, lengths = call.p, call.mover, call.lengths
@@ -84,7 +88,8 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                                softmax_scale: float | None = None, layout: str = "contiguous",
-                               transport: str = "auto", window=None, seqlens=None):
+                               transport: str = "auto", window=None, seqlens=None,
+                               tag: int | None = None):
     """Gradients of :func:`ulysses_attention` for this rank's slices of q, k and v.
 
     The forward's all-to-alls, mirrored: q, k, v, dout and the per-row lse and
@@ -97,13 +102,14 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bo
         Gradient of the loss with respect to this rank's forward output.
     q, k, v : this rank's forward inputs (any memory layout; never written)
     out, lse : this rank's forward output and log-sum-exp (``return_lse=True``).
-    comm, causal, softmax_scale, layout, transport, window, seqlens : as for the forward.
+    comm, causal, softmax_scale, layout, transport, window, seqlens, tag : as for
+        the forward.
 
     Returns
     -------
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v.
     """
-    with comms.call(comm, "ulysses_attention_backward") as context:
+    with comms.call(comm, "ulysses_attention_backward", tag) as context:
         call = _UlyssesCall(context, "ulysses_attention_backward", (q, k, v), (dout, out, lse),
                             softmax_scale, layout, causal, window, seqlens, transport, False)
         p, mover, lengths = call.p, call.mover, call.lengths
