@@ -298,10 +298,10 @@ def _parser() -> argparse.ArgumentParser:
             "MPICH needs neither. Python runs as `python -m mpi4py`, so an uncaught\n"
             "exception on one rank aborts the whole job instead of leaving the other\n"
             "ranks waiting. The exit status is mpiexec's.\n\n"
-            f"The job ends with the launcher: SIGINT or SIGTERM goes to mpiexec, and what\n"
-            f"is left of the job {GRACE_S:g} s later (or at a second signal) is killed; on\n"
-            "Linux a launcher killed outright (SIGKILL) takes mpiexec with it. More than\n"
-            f"{MAX_RANKS_PER_CPU} ranks per CPU here is refused without --oversubscribe-ok."),
+            "The job ends with the launcher: SIGINT or SIGTERM goes to mpiexec, and what is\n"
+            f"left of the job {GRACE_S:g} s later (or at a second signal) is killed; on Linux a\n"
+            "launcher killed outright (SIGKILL) takes its job with it. More than\n"
+            f"{MAX_RANKS_PER_CPU} ranks per CPU here are refused without --oversubscribe-ok."),
         epilog=(
             "examples:\n"
             "  python -m seqpar run -n 4 examples/ring_attention.py --causal\n"
