@@ -482,7 +482,7 @@ def _check_rank_count(mpiexec: MPIExec, nprocs: int, mpiexec_args: Sequence[str]
             "ranks); pass --oversubscribe-ok to start it anyway")
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _ends_with_this_thread() -> Callable[[], None] | None:
@@ -504,7 +504,7 @@ def _ends_with_this_thread() -> Callable[[], None] | None:
     parent, sigterm = os.getpid(), int(signal.SIGTERM)
 
     def preexec() -> None:  # in the child, between fork and exec: nothing that can block
-        prctl(PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before prctl took effect
             os._exit(128 + sigterm)
 
