@@ -6,6 +6,7 @@ Each subcommand lives in :mod:`seqpar.commands` and is imported only when chosen
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import Sequence
@@ -39,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .launch import main as run_main
 
         return run_main(argv[1:], library=_mpi_library())
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # a bad option: a usage error (status 2), nothing run
+    if getattr(args, "check_options", None):
+        args.check_options(args)
     if args.command == "info":
         from .commands.info import info
 
@@ -65,6 +68,40 @@ def _mpi_library() -> str | None:
         return MPI.Get_library_version()
     except Exception:  # noqa: BLE001 - unknown: the launcher then checks nothing
         return None
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _lengths(text: str) -> list[int]:
+    """argparse type: integers >= 1 separated by commas."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(
+            f"takes whole numbers separated by commas, got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return values
+
+
+def _check_bench(parser: argparse.ArgumentParser, args) -> None:
+    """What bench's options say together, before anything runs (usage error, status 2)."""
+    if args.kv_heads is not None and args.heads % args.kv_heads:
+        parser.error(f"argument --kv-heads: must divide --heads ({args.heads}), "
+                     f"got {args.kv_heads}")
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        parser.error(f"argument --plot: the same file as --json ({args.json})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,18 +153,20 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m seqpar run -n 4 -m seqpar bench --seq 16384 --causal\n"
         "  python -m seqpar run -n 2 -m seqpar bench --seq 4096,8192,16384 --dtype bfloat16 "
         "--json bench.json --plot bench.png")
-    bench.add_argument("--seq", default="8192", metavar="N[,N...]",
+    bench.add_argument("--seq", default="8192", metavar="N[,N...]", type=_lengths,
                        help="global sequence length(s), comma separated (default 8192)")
-    bench.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
-    bench.add_argument("--kv-heads", type=int, default=None,
-                       help="K/V heads, fewer for grouped-query attention (default: --heads)")
-    bench.add_argument("--head-dim", type=int, default=64, help="default 64")
+    bench.add_argument("--heads", type=_positive, default=8, help="query heads (default 8)")
+    bench.add_argument("--kv-heads", type=_positive, default=None,
+                       help="K/V heads, a divisor of --heads: fewer for grouped-query "
+                            "attention (default: --heads)")
+    bench.add_argument("--head-dim", type=_positive, default=64, help="default 64")
     bench.add_argument("--dtype", choices=DTYPES, default="float32",
                        help="default float32; bfloat16 needs ml_dtypes (the lowp extra)")
     bench.add_argument("--causal", action="store_true", help="causal mask")
     bench.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag",
                        help="which tokens each rank holds (default zigzag)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed calls per N (default 3)")
+    bench.add_argument("--repeats", type=_positive, default=3,
+                       help="timed calls per N (default 3)")
     bench.add_argument("--gpu", action="store_true", help="use CuPy arrays, one GPU per rank")
     bench.add_argument("--transport", choices=TRANSPORTS, default="auto",
                        help="how GPU blocks move between ranks (default: auto)")
@@ -137,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="FILE.png",
                        help="draw time and TFLOP/s against N, every record of --json too "
                             "(needs matplotlib)")
+    bench.set_defaults(check_options=lambda args: _check_bench(bench, args))
     return parser
 
 

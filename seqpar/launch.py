@@ -7,7 +7,9 @@ script (``python seqpar/launch.py -n 2 script.py``).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -15,14 +17,25 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
-from typing import Mapping, Sequence, TextIO
+from typing import Callable, Mapping, Sequence, TextIO
 
-__all__ = ["INSTALL_HINT", "LaunchError", "MPIExec", "find_mpiexec", "slots",
-           "mpiexec_command", "launch", "main"]
+__all__ = ["INSTALL_HINT", "GRACE_S", "MAX_RANKS_PER_CPU", "JOB_VARIABLE", "LaunchError",
+           "MPIExec", "find_mpiexec", "slots", "usable_cpus", "mpiexec_command", "launch",
+           "main"]
 
 INSTALL_HINT = ('pip install "seqpar[mpi]" (Open MPI) or pip install mpich, '
                 "or load your cluster's MPI module")
+
+# After SIGINT or SIGTERM, the job has this long to end by itself; what is left is killed.
+GRACE_S = 2.0
+# More ranks per CPU than this is a typo (-n 999), not a test of oversubscription: refused
+# without --oversubscribe-ok.
+MAX_RANKS_PER_CPU = 8
+# Every process of a job started here inherits this variable holding the job's id (a job
+# started inside another: both ids, ":" between), so the launcher finds what mpiexec left.
+JOB_VARIABLE = "SEQPAR_RUN_JOB"
 
 # Flavours of mpiexec, told apart by what `mpiexec --version` prints.
 OPENMPI, MPICH, OTHER = "openmpi", "mpich", "other"
@@ -77,12 +90,20 @@ def find_mpiexec(explicit: str | None = None) -> MPIExec:
     Raises
     ------
     LaunchError
-        When there is none, with the ways to get one (status 127).
+        When there is none, with the ways to get one (status 127); when ``explicit`` or
+        ``$MPIEXEC`` is blank or its quotes do not pair (status 2).
     """
     wanted = explicit or os.environ.get("MPIEXEC", "").strip() or None
     options: tuple[str, ...] = ()
     if wanted is not None:
-        path, *rest = shlex.split(wanted)
+        name = "--mpiexec" if explicit else "MPIEXEC"
+        try:
+            words = _shell_words(wanted)
+        except ValueError as exc:
+            raise LaunchError(f"{name} {exc}") from None
+        if not words:
+            raise LaunchError(f"{name} is blank")
+        path, *rest = words
         options = tuple(rest)
         found = shutil.which(path)
         if found is None:
@@ -96,6 +117,21 @@ def find_mpiexec(explicit: str | None = None) -> MPIExec:
         path = found
     text = _version_text(found)
     return MPIExec(path=path, flavor=_flavor(text), options=options, version=_summary(text))
+
+
+def _shell_words(text: str) -> list[str]:
+    """``text`` split as a shell does (:func:`shlex.split`); ValueError in one line."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise ValueError(f"{text!r}: {str(exc).lower()}") from None
+
+
+def usable_cpus() -> int:
+    """The CPUs (hardware threads) this process may run on: its affinity mask."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def slots(environ: Mapping[str, str] | None = None) -> int:
@@ -160,8 +196,17 @@ def mpiexec_command(mpiexec: MPIExec, nprocs: int, program: Sequence[str], *,
 
 def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
            mpiexec_args: Sequence[str] = (), dry_run: bool = False,
-           stream: TextIO | None = None, library: str | None = None) -> int:
+           stream: TextIO | None = None, library: str | None = None,
+           oversubscribe_ok: bool = False) -> int:
     """Run ``program`` on ``nprocs`` ranks; print the command first; return its exit status.
+
+    The job ends with the caller: SIGINT or SIGTERM (from the main thread's handlers) goes
+    to mpiexec, which passes it to every rank; whatever of the job is left
+    :data:`GRACE_S` seconds later, or at a second signal, is killed (Linux: every process
+    on this machine carrying the job's :data:`JOB_VARIABLE`). On Linux mpiexec gets SIGTERM
+    when the calling thread dies, even by SIGKILL (``PR_SET_PDEATHSIG``), and a watchdog
+    process kills what is left of the job GRACE_S later, so a killed launcher leaves no
+    job behind.
 
     Parameters
     ----------
@@ -180,31 +225,47 @@ def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
     library : str, optional
         ``MPI.Get_library_version()`` of the MPI that mpi4py loads here; when given, an
         mpiexec of another MPI family is refused (its ranks would each run alone).
+    oversubscribe_ok : bool
+        Start the job even with more than :data:`MAX_RANKS_PER_CPU` ranks per CPU here.
 
     Returns
     -------
     int
-        mpiexec's exit status (128 + N when a signal N ended it).
+        mpiexec's exit status (128 + N when a signal N ended it, or when the launcher
+        received signal N and ended the job).
 
     Raises
     ------
     LaunchError
-        No mpiexec, one of another MPI than mpi4py's, no program, or a missing script.
+        No mpiexec, one of another MPI than mpi4py's, no program, a missing script, or
+        far more ranks than CPUs (see ``oversubscribe_ok``).
     """
     _check_program(program)
     found = find_mpiexec(mpiexec)
     if library is not None:
         _check_same_mpi(found, library)
     command = mpiexec_command(found, nprocs, program, mpiexec_args=mpiexec_args)
+    if not oversubscribe_ok:
+        _check_rank_count(found, nprocs, mpiexec_args)
     stream = sys.stderr if stream is None else stream
     print("+ " + shlex.join(command), file=stream, flush=True)
     if dry_run:
         return 0
+    job = f"{os.getpid()}-{secrets.token_hex(4)}"
+    outer = os.environ.get(JOB_VARIABLE)
+    environ = dict(os.environ, **{JOB_VARIABLE: f"{outer}:{job}" if outer else job})
     try:
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, env=environ, preexec_fn=_ends_with_this_thread())
     except OSError as exc:
         raise LaunchError(f"cannot run {command[0]}: {exc.strerror or exc}", status=126) from exc
-    return _wait(child)
+    watchdog = _start_watchdog(job)
+    try:
+        return _wait(child, job, stream)
+    finally:
+        if child.poll() is None:  # an exception is leaving with the job running: end it
+            _end_job(child, job, [signal.SIGTERM], stream)
+        if watchdog is not None:
+            _release_watchdog(*watchdog)
 
 
 def main(argv: Sequence[str] | None = None, *, library: str | None = None) -> int:
@@ -214,11 +275,11 @@ def main(argv: Sequence[str] | None = None, *, library: str | None = None) -> in
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     own, program = _split(argv)
-    args = _parser().parse_args(own)
+    args = _parser().parse_args(own)  # bad options: a usage error, status 2, nothing run
     try:
-        return launch(program, args.np, mpiexec=args.mpiexec,
-                      mpiexec_args=shlex.split(args.mpiexec_args), dry_run=args.dry_run,
-                      library=library)
+        return launch(program, args.np, mpiexec=args.mpiexec, mpiexec_args=args.mpiexec_args,
+                      dry_run=args.dry_run, library=library,
+                      oversubscribe_ok=args.oversubscribe_ok)
     except LaunchError as exc:
         print(f"seqpar run: {exc}", file=sys.stderr)
         return exc.status
@@ -236,18 +297,26 @@ def _parser() -> argparse.ArgumentParser:
             "as root and --oversubscribe when N exceeds the cores (or the Slurm tasks);\n"
             "MPICH needs neither. Python runs as `python -m mpi4py`, so an uncaught\n"
             "exception on one rank aborts the whole job instead of leaving the other\n"
-            "ranks waiting. The exit status is mpiexec's."),
+            "ranks waiting. The exit status is mpiexec's.\n\n"
+            "The job ends with the launcher: SIGINT or SIGTERM goes to mpiexec, and what is\n"
+            f"left of the job {GRACE_S:g} s later (or at a second signal) is killed; on Linux a\n"
+            "launcher killed outright (SIGKILL) takes its job with it. More than\n"
+            f"{MAX_RANKS_PER_CPU} ranks per CPU here are refused without --oversubscribe-ok."),
         epilog=(
             "examples:\n"
             "  python -m seqpar run -n 4 examples/ring_attention.py --causal\n"
             "  python -m seqpar run -n 2 -m seqpar check\n"
             "  python -m seqpar run -n 4 --dry-run -m pytest --with-mpi tests"))
-    parser.add_argument("-n", "-np", "--np", dest="np", type=int, required=True, metavar="N",
-                        help="number of MPI ranks")
-    parser.add_argument("--mpiexec", metavar="PATH",
+    parser.add_argument("-n", "-np", "--np", dest="np", type=_rank_count, required=True,
+                        metavar="N", help="number of MPI ranks")
+    parser.add_argument("--mpiexec", metavar="PATH", type=_launcher,
                         help="the mpiexec to use (default: $MPIEXEC, else found as above)")
-    parser.add_argument("--mpiexec-args", default="", metavar="ARGS",
+    parser.add_argument("--mpiexec-args", default="", metavar="ARGS", type=_mpiexec_args,
                         help='more mpiexec options, one string, e.g. "--bind-to none"')
+    parser.add_argument("--oversubscribe-ok", action="store_true",
+                        help=f"start even with more than {MAX_RANKS_PER_CPU} ranks per CPU of "
+                             "this machine (the CPUs this process may use, or the Slurm "
+                             "tasks); fewer need no flag")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the command and run nothing")
     parser.add_argument("program", nargs="*", metavar="PROGRAM",
@@ -255,9 +324,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _launcher(text: str) -> str:
+    if not _mpiexec_args(text):
+        raise argparse.ArgumentTypeError("is blank")
+    return text
+
+
+def _mpiexec_args(text: str) -> list[str]:
+    try:
+        return _shell_words(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # Options of `seqpar run` itself; whatever follows them (or `--`) is the program.
 _TAKES_VALUE = ("-n", "-np", "--np", "--mpiexec", "--mpiexec-args")
-_FLAGS = ("-h", "--help", "--dry-run")
+_FLAGS = ("-h", "--help", "--dry-run", "--oversubscribe-ok")
 
 
 def _split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -368,15 +460,146 @@ def _is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _wait(child: subprocess.Popen) -> int:
-    """Wait for mpiexec, passing on SIGINT and SIGTERM (a batch system may signal only us)."""
-    def forward(signum, _frame):
-        child.send_signal(signum)
+# mpiexec options that place ranks on other machines: this machine's CPUs then say nothing
+_HOST_OPTIONS = ("-H", "-host", "--host", "-hosts", "--hosts", "-hostfile", "--hostfile",
+                 "-machinefile", "--machinefile", "-f", "--default-hostfile")
+
+
+def _check_rank_count(mpiexec: MPIExec, nprocs: int, mpiexec_args: Sequence[str]) -> None:
+    """Refuse far more ranks than this machine (or the Slurm allocation) has CPUs.
+
+    Skipped where the ranks may run elsewhere: a launcher of unknown kind (srun, ...) or
+    mpiexec options naming hosts.
+    """
+    options = [word.split("=")[0] for word in (*mpiexec.options, *mpiexec_args)]
+    if mpiexec.flavor == OTHER or any(word in _HOST_OPTIONS for word in options):
+        return
+    cpus = max(usable_cpus(), slots())
+    if nprocs > MAX_RANKS_PER_CPU * cpus:
+        raise LaunchError(
+            f"-n {nprocs} is more than {MAX_RANKS_PER_CPU} ranks per CPU: this process may "
+            f"use {cpus} CPU{'s' if cpus > 1 else ''} (at most {MAX_RANKS_PER_CPU * cpus} "
+            "ranks); pass --oversubscribe-ok to start it anyway")
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _ends_with_this_thread() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the child gets SIGTERM when this thread ends (Linux).
+
+    ``PR_SET_PDEATHSIG`` holds across mpiexec's exec and fires even when the launcher is
+    killed by SIGKILL; mpiexec then ends its ranks as on any SIGTERM. Elsewhere (no prctl)
+    None: the child is started as before.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.restype = ctypes.c_int
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong)
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def preexec() -> None:  # in the child, between fork and exec: nothing that can block
+        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(128 + sigterm)
+
+    return preexec
+
+
+def _start_watchdog(job: str) -> tuple[subprocess.Popen, int] | None:
+    """A process that ends the job if this one dies first, even by SIGKILL.
+
+    It runs this file (``python -I -S launch.py --watch JOB``, the standard library only)
+    in a session of its own and blocks reading a pipe that only this process writes to;
+    :func:`_release_watchdog` says all is well. EOF without that means the launcher died:
+    mpiexec got SIGTERM then (``PR_SET_PDEATHSIG``), and whatever of the job is left
+    GRACE_S later (ranks in sessions of their own, a hung mpiexec) is killed. Linux only
+    (it finds the job in /proc); None elsewhere, or when it cannot start.
+    """
+    here = os.path.abspath(__file__)
+    if not (os.path.isdir("/proc") and os.path.isfile(here)):
+        return None
+    read, write = os.pipe()
+    try:
+        watchdog = subprocess.Popen([sys.executable, "-I", "-S", here, "--watch", job],
+                                    stdin=read, stdout=subprocess.DEVNULL,
+                                    start_new_session=True)
+    except OSError:
+        os.close(write)
+        return None
+    finally:
+        os.close(read)
+    return watchdog, write
+
+
+def _release_watchdog(watchdog: subprocess.Popen, write: int) -> None:
+    try:
+        os.write(write, b"done")
+    except OSError:  # it is gone already
+        pass
+    os.close(write)
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _watch(job: str) -> int:
+    """The watchdog of :func:`_start_watchdog`: wait for the launcher, clean up after it."""
+    if sys.stdin.buffer.read():  # the launcher said all is well, then closed the pipe
+        return 0
+    deadline = time.monotonic() + GRACE_S
+    left = _job_processes(job)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = _job_processes(job)
+    if left:
+        count = _kill_all(job, left)
+        print(f"seqpar run: the launcher died and its job had not ended {GRACE_S:g} s later: "
+              f"killed {count} process{'es' if count > 1 else ''} of the job",
+              file=sys.stderr, flush=True)
+    return 0
+
+
+class _Stop(Exception):
+    """Raised by the signal handler to end the wait for mpiexec."""
+
+
+def _wait(child: subprocess.Popen, job: str, stream: TextIO) -> int:
+    """Wait for mpiexec; on SIGINT or SIGTERM end the whole job (see :func:`launch`).
+
+    Handlers can be set from the main thread only; elsewhere this just waits (the job
+    still ends with the thread, by ``PR_SET_PDEATHSIG``). A signal ignored here (SIGINT of
+    a background job) stays ignored.
+    """
+    received: list[int] = []
+    waiting = False
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        if waiting and len(received) == 1:  # the first one ends the wait below
+            raise _Stop
 
     previous = {}
-    if threading.current_thread() is threading.main_thread():  # handlers: main thread only
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, on_signal)
     try:
+        try:
+            waiting = True
+            if not received:
+                child.wait()
+            waiting = False
+        except _Stop:
+            waiting = False
+        if received:
+            return _end_job(child, job, received, stream)
         status = child.wait()
     finally:
         for sig, handler in previous.items():
@@ -384,5 +607,82 @@ def _wait(child: subprocess.Popen) -> int:
     return 128 - status if status < 0 else status
 
 
+def _end_job(child: subprocess.Popen, job: str, received: list[int], stream: TextIO) -> int:
+    """Pass the signal to mpiexec; kill what is left of the job GRACE_S later (at once at a
+    second signal); return 128 + the signal (0 if mpiexec ended with status 0)."""
+    signum = received[0]
+    deadline = time.monotonic() + GRACE_S
+
+    def patient() -> bool:  # False once the grace period is over, or at a second signal
+        return len(received) == 1 and time.monotonic() < deadline
+
+    child.send_signal(signum)  # mpiexec passes it on to every rank
+    while child.poll() is None and patient():
+        time.sleep(0.02)
+    killed = []
+    if child.poll() is None:
+        child.kill()
+        killed.append("mpiexec")
+    left = _job_processes(job)  # ranks that mpiexec left behind, or that ignore the signal
+    while left and not killed and patient():
+        time.sleep(0.05)
+        left = _job_processes(job)
+    if left:
+        count = _kill_all(job, left)
+        killed.append(f"{count} process{'es' if count > 1 else ''} of the job")
+    status = child.wait()
+    if killed:
+        why = ("a second signal" if len(received) > 1 else
+               f"{signal.Signals(signum).name}, not ended {GRACE_S:g} s later")
+        print(f"seqpar run: {why}: killed {' and '.join(killed)}", file=stream, flush=True)
+    # the shell's convention for a job ended by a signal; 0 if it had finished anyway
+    return 128 + signum if killed or status else 0
+
+
+def _kill_all(job: str, pids: list[int]) -> int:
+    """SIGKILL these processes and any others of the job that appear meanwhile (a fork)."""
+    done: set[int] = set()
+    for _ in range(50):  # a few passes catch a child forked while we killed its parent
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # gone already, or no longer ours
+                pass
+        done.update(pids)
+        pids = _job_processes(job)
+        if not pids:
+            break
+        time.sleep(0.02)
+    return len(done)
+
+
+def _job_processes(job: str) -> list[int]:
+    """The live processes on this machine that inherited ``job`` in JOB_VARIABLE.
+
+    Read from ``/proc/<pid>/environ`` (Linux; processes of other users are unreadable and
+    skipped); ``[]`` where there is no ``/proc``. A zombie's environment reads empty.
+    """
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    key, wanted, mine = JOB_VARIABLE.encode() + b"=", job.encode(), os.getpid()
+    found = []
+    for name in names:
+        if not name.isdigit() or int(name) == mine:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                entries = environ.read().split(b"\0")
+        except OSError:
+            continue
+        if any(entry.startswith(key) and wanted in entry[len(key):].split(b":")
+               for entry in entries):
+            found.append(int(name))
+    return found
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--watch"]:  # the watchdog of a job, started by launch()
+        sys.exit(_watch(sys.argv[2]))
     sys.exit(main())

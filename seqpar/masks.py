@@ -23,7 +23,8 @@ import numpy as np
 __all__ = ["Mask", "HIDDEN", "FULL", "PARTIAL", "UNBOUNDED", "check_mask_arguments"]
 
 HIDDEN, FULL, PARTIAL = "hidden", "full", "partial"
-# "no bound": far beyond any position, and its negation and sums still fit int64
+# "no bound": far beyond any position, and its negation and sums still fit int64. A window
+# bound this large or larger is the same as None (no sequence is that long).
 UNBOUNDED = 1 << 60
 
 
@@ -36,7 +37,8 @@ class Mask:
     causal : bool
         Query i sees key j only if j <= i.
     window : (left, right)
-        Query i sees key j only if i - left <= j <= i + right; ``None`` is unbounded.
+        Query i sees key j only if i - left <= j <= i + right; ``None`` is unbounded, and
+        so is any bound of UNBOUNDED (2**60) or more.
     doc_starts : tuple of int, optional
         Global start of each packed document, then the total length (strictly
         increasing, starting at 0). A query sees only keys of its own document.
@@ -49,7 +51,7 @@ class Mask:
     @classmethod
     def build(cls, causal: bool = False, window=None, seqlens=None) -> "Mask | None":
         """The mask for the public keywords, or None when every pair is visible."""
-        left, right = (None, None) if window is None else window
+        left, right = (None, None) if window is None else (_bound(b) for b in window)
         starts = None
         if seqlens is not None:
             lengths = [int(n) for n in seqlens if int(n) > 0]
@@ -58,8 +60,7 @@ class Mask:
                 starts = None
         if not causal and left is None and right is None and starts is None:
             return None
-        return cls(bool(causal), (None if left is None else int(left),
-                                  None if right is None else int(right)), starts)
+        return cls(bool(causal), (left, right), starts)
 
     # -- bounds ---------------------------------------------------------------
     @property
@@ -112,8 +113,19 @@ class Mask:
         return (k[None, :] >= lo[:, None]) & (k[None, :] <= hi[:, None])
 
 
+def _bound(bound) -> int | None:
+    """A checked window bound as the mask holds it: an int, or None for unbounded."""
+    return None if bound is None or bound >= UNBOUNDED else int(bound)
+
+
 def check_mask_arguments(window, seqlens, total: int | None = None):
     """Local checks of ``window=`` and ``seqlens=``; raises naming the argument.
+
+    ``window`` is ``(left, right)``, each an int >= 0 (Python or NumPy, not bool) or
+    None for unbounded. Any bound of 2**60 or more (``sys.maxsize``,
+    ``np.iinfo(np.int64).max``, ``10**30``) also means unbounded: it lies beyond every
+    position, so the mask is exactly the same, and the position arithmetic stays within
+    int64. Floats (``math.inf`` too) are refused rather than rounded.
 
     Returns the settings ranks must share: (window as a tuple or None, seqlens
     as a tuple or None).
@@ -125,10 +137,11 @@ def check_mask_arguments(window, seqlens, total: int | None = None):
             if bound is None:
                 continue
             if isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer)):
-                raise TypeError(f"window {side} bound must be an int or None, got {bound!r}")
+                raise TypeError(f"window {side} bound must be an int >= 0 or None (unbounded), "
+                                f"got {bound!r}")
             if bound < 0:
                 raise ValueError(f"window {side} bound must be >= 0, got {bound}")
-        window = tuple(None if b is None else int(b) for b in window)
+        window = tuple(_bound(b) for b in window)
     if seqlens is not None:
         try:
             lengths = np.asarray(seqlens)

@@ -90,14 +90,61 @@ def test_bench_plot_sweeps_n(comm, shared_folder):
                 [seq // 8, seq // 4, seq // 2, seq]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--heads", "0"], "argument --heads: must be at least 1, got 0"),
+    (["--heads", "two"], "argument --heads: must be a whole number, got 'two'"),
+    (["--head-dim", "-4"], "argument --head-dim: must be at least 1, got -4"),
+    (["--kv-heads", "0"], "argument --kv-heads: must be at least 1, got 0"),
+    (["--kv-heads", "3"], "argument --kv-heads: must divide --heads (8), got 3"),
+    (["--heads", "6", "--kv-heads", "4"], "argument --kv-heads: must divide --heads (6), got 4"),
+    (["--seq", "0"], "argument --seq: must be at least 1, got '0'"),
+    (["--seq", "64,-64"], "argument --seq: must be at least 1, got '64,-64'"),
+    (["--seq", "x"], "argument --seq: takes whole numbers separated by commas, got 'x'"),
+    (["--seq", ","], "argument --seq: takes whole numbers separated by commas, got ','"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--repeats", "-2"], "argument --repeats: must be at least 1, got -2"),
+    (["--json", "b.png", "--plot", "b.png"], "argument --plot: the same file as --json"),
+    (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'")])
+def test_bench_bad_options_are_usage_errors(capsys, argv, message):
+    """Checked by the command line alone, the same on every rank, before any MPI call."""
+    with pytest.raises(SystemExit) as done:
+        main(["bench", *argv])
+    assert done.value.code == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"python -m seqpar bench: error: {message}")
+    assert captured.out == "" and "Traceback" not in captured.err
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("argv, message", [
-    (["--seq", "7"], "does not split into"), (["--seq", "x"], "integers"),
-    (["--repeats", "0"], "at least 1")])
-def test_bench_bad_options_stop_every_rank(comm, capsys, argv, message):
+    (["--seq", "7"], "argument --seq: 7 does not split into"),
+    (["--json", "{missing}/x.json"], "argument --json: {missing}/x.json: no folder {missing}"),
+    (["--json", "{folder}"], "argument --json: {folder}: is a folder"),
+    (["--plot", "{folder}/figure.xyz"], "argument --plot: {folder}/figure.xyz: matplotlib "
+                                        "writes no .xyz files"),
+    (["--seq", str(2**40)], f"argument --seq: {2**40} tokens with --heads 8 and --head-dim "
+                            "64 need ")])
+def test_bench_bad_sizes_and_paths_stop_every_rank_first(comm, shared_folder, capsys, argv,
+                                                         message):
+    """Checked where the ranks or rank 0's file system decide: one line on rank 0, status 2
+    on every rank, before the first timing (today's --json error came after them all)."""
+    if "--plot" in argv:
+        pytest.importorskip("matplotlib")
+    names = dict(folder=shared_folder, missing=os.path.join(shared_folder, "missing"))
+    argv = [word.format(**names) for word in argv]
+    if "--seq" not in argv:
+        argv += ["--seq", str(16 * comm.size), "--heads", "1", "--head-dim", "8"]
     assert main(["bench", *argv]) == 2
-    out = capsys.readouterr().out
-    assert (message in out) if comm.rank == 0 else out == ""
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was timed
+    if comm.rank == 0:
+        assert captured.err.count("\n") == 1
+        assert captured.err.startswith(f"python -m seqpar bench: error: "
+                                       f"{message.format(**names)}")
+    else:
+        assert captured.err == ""
+    assert not os.path.exists(os.path.join(shared_folder, "x.json"))
 
 
 @pytest.mark.mpi

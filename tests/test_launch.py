@@ -1,22 +1,31 @@
-"""seqpar run (seqpar.launch): which mpiexec, which flags, the command printed, the status.
+"""seqpar run (seqpar.launch): which mpiexec, which flags, the command printed, the status,
+refused rank counts and options, and the job ending with the launcher.
 
-No test here starts MPI: a fake mpiexec (a shell script) stands in, so every rank of a
-suite run under mpiexec may run these on its own.
+Most tests start no MPI: a fake mpiexec (a shell script) stands in, so every rank of a
+suite run under mpiexec may run these on its own. The tests of signals start real 2-rank
+jobs of a sleeping script, on rank 0 of the suite's run only.
 """
 from __future__ import annotations
 
+import glob
 import io
 import os
+import re
 import shlex
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
 from seqpar import launch
 from seqpar.launch import LaunchError, MPIExec, find_mpiexec, mpiexec_command, slots
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VERSIONS = {
     "openmpi": "mpiexec (Open MPI) 5.0.11\n\nReport bugs to https://www.open-mpi.org/",
@@ -172,3 +181,235 @@ def test_mpiexec_of_another_mpi_than_mpi4py_is_refused(folder, monkeypatch, vers
     else:
         assert launch.launch([script], 2, dry_run=True, stream=io.StringIO(),
                              library=library) == 0
+
+
+# -- refused rank counts and options ----------------------------------------------------
+
+def test_far_more_ranks_than_cpus_is_refused(folder, monkeypatch, capsys):
+    monkeypatch.setenv("MPIEXEC", fake_mpiexec(folder, VERSIONS["openmpi"]))
+    monkeypatch.setattr(launch, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(launch, "slots", lambda: 2)
+    script = os.path.join(folder, "job.py")
+    open(script, "w").close()
+    limit = launch.MAX_RANKS_PER_CPU * 2
+    assert launch.main(["-n", str(limit + 1), script]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"seqpar run: -n {limit + 1} is more than")
+    assert "2 CPUs" in err and "--oversubscribe-ok" in err
+    assert not os.path.exists(os.path.join(folder, "ran"))
+    # moderate oversubscription (the test suite: 4 ranks on 2 cores) needs no flag
+    assert launch.main(["-n", str(limit), script]) == 0
+    assert capsys.readouterr().err.startswith("+ ")
+    with open(os.path.join(folder, "ran")) as ran:
+        assert f"--oversubscribe -n {limit} " in ran.read()
+    # the override, and ranks placed on other hosts, start whatever was asked for
+    for flags in (["--oversubscribe-ok"], ["--mpiexec-args", "--hostfile hosts.txt"],
+                  ["--mpiexec-args=-H a:64,b:64"]):
+        assert launch.main(["-n", "999", "--dry-run", *flags, script]) == 0
+        assert capsys.readouterr().err.startswith("+ ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-n", "0"], "argument -n/-np/--np: must be at least 1, got 0"),
+    (["-n", "-3"], "argument -n/-np/--np: must be at least 1, got -3"),
+    (["-n", "two"], "argument -n/-np/--np: must be a whole number, got 'two'"),
+    (["-n", "2", "--mpiexec-args", "'x"], "argument --mpiexec-args: \"'x\": no closing quotation"),
+    (["-n", "2", "--mpiexec", "mpiexec 'x"], "argument --mpiexec: \"mpiexec 'x\": no closing"),
+    (["-n", "2", "--mpiexec", " "], "argument --mpiexec: is blank")])
+def test_bad_options_are_usage_errors(folder, monkeypatch, capsys, argv, message):
+    monkeypatch.setenv("MPIEXEC", fake_mpiexec(folder, VERSIONS["mpich"]))
+    script = os.path.join(folder, "job.py")
+    open(script, "w").close()
+    with pytest.raises(SystemExit) as done:
+        launch.main([*argv, script])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"python -m seqpar run: error: {message}")
+    assert "Traceback" not in err and not os.path.exists(os.path.join(folder, "ran"))
+
+
+def test_mpiexec_variable_with_unpaired_quotes(monkeypatch):
+    monkeypatch.setenv("MPIEXEC", "srun --mpi='pmix")
+    with pytest.raises(LaunchError, match="MPIEXEC \"srun --mpi='pmix\": no closing quotation"):
+        find_mpiexec()
+
+
+# -- the job ends with the launcher ----------------------------------------------------
+
+# Each rank writes its pid (and a stubborn rank that of its daemon), then sleeps. A stubborn
+# rank ignores SIGTERM and SIGINT and starts a daemon in a session of its own, which mpiexec
+# does not know of and which ignores them too.
+RANK_SCRIPT = """\
+import os, signal, subprocess, sys, time
+folder, stubborn = sys.argv[1], sys.argv[2] == "stubborn"
+pids = [os.getpid()]
+if stubborn:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    pids.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                 start_new_session=True).pid)
+path = os.path.join(folder, str(os.getpid()))
+with open(path + ".tmp", "w") as out:
+    out.write(" ".join(map(str, pids)))
+os.replace(path + ".tmp", path + ".pids")
+time.sleep(600)
+"""
+STARTUP_S = 120  # two Python ranks on a busy machine
+GONE_S = launch.GRACE_S + 8  # "promptly", with room for a loaded machine
+
+
+def _on_rank_0_only():
+    """The signal tests start MPI jobs: once per suite run, not once per rank."""
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.rank != 0:
+        pytest.skip("starts MPI jobs: rank 0 runs it")
+
+
+def _job_environment() -> dict:
+    """This environment less the MPI job's own variables (a suite run under mpiexec), so
+    the job started here is a job of its own."""
+    mpi_vars = re.compile(r"^(OMPI_|PMIX_|PMI_|PRTE_|HYDRA_|HYDI_|HYD_|MPIR_|MPI_LOCAL)")
+    env = {key: value for key, value in os.environ.items() if not mpi_vars.match(key)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:  # a zombie has ended: state Z
+            return stat_file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class _Job:
+    """``python -m seqpar run -n 2 RANK_SCRIPT`` started as a subprocess; the pids it wrote."""
+
+    def __init__(self, folder: str, stubborn: bool):
+        script = os.path.join(folder, "ranks.py")
+        with open(script, "w") as out:
+            out.write(RANK_SCRIPT)
+        self.folder = folder
+        self.launcher = subprocess.Popen(
+            [sys.executable, "-m", "seqpar", "run", "-n", "2", script, folder,
+             "stubborn" if stubborn else "plain"],
+            cwd=REPO, env=_job_environment(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+            # a Python started by pytest has SIGINT as Python's handler, which exec
+            # resets; a pytest started in the background by a shell may ignore it
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.pids: list[int] = []
+        deadline = time.monotonic() + STARTUP_S
+        while time.monotonic() < deadline and self.launcher.poll() is None:
+            files = glob.glob(os.path.join(folder, "*.pids"))
+            if len(files) == 2:
+                for name in files:
+                    with open(name) as pids:
+                        self.pids += [int(pid) for pid in pids.read().split()]
+                return
+            time.sleep(0.05)
+        self.close()
+        pytest.fail(f"the job did not start: {self.launcher.stderr.read()}")
+
+    def wait_gone(self, timeout: float) -> list[int]:
+        """The job's processes still alive after waiting up to ``timeout`` s for them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            alive = [pid for pid in self.pids if _alive(pid)]
+            if not alive and self.launcher.poll() is not None:
+                return []
+            time.sleep(0.05)
+        return [pid for pid in self.pids if _alive(pid)] + (
+            [self.launcher.pid] if self.launcher.poll() is None else [])
+
+    def stderr(self) -> str:
+        self.launcher.wait(timeout=30)
+        return self.launcher.stderr.read()
+
+    def close(self) -> None:
+        """Whatever a failed test left running: killed."""
+        for pid in [*self.pids, self.launcher.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.launcher.wait()
+        self.launcher.stderr.close()
+
+
+@pytest.fixture
+def job(folder):
+    _on_rank_0_only()
+    jobs = []
+
+    def start(stubborn: bool = False) -> _Job:
+        jobs.append(_Job(folder, stubborn))
+        return jobs[-1]
+
+    yield start
+    for started in jobs:
+        started.close()
+
+
+@pytest.mark.parametrize("signum, stubborn", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM", "SIGINT-stubborn"])
+def test_a_signal_to_the_launcher_ends_the_whole_job(job, signum, stubborn):
+    started = job(stubborn)
+    started.launcher.send_signal(signum)
+    assert started.wait_gone(GONE_S) == []
+    assert started.launcher.returncode == 128 + signum
+    err = started.stderr()
+    if stubborn:  # the ranks and their daemons ignored it: killed after the grace period
+        assert f"seqpar run: {signal.Signals(signum).name}, not ended {launch.GRACE_S:g} s " \
+               "later: killed " in err
+
+
+def test_a_second_signal_kills_at_once(job):
+    started = job(stubborn=True)
+    started.launcher.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    started.launcher.send_signal(signal.SIGTERM)
+    assert started.wait_gone(GONE_S) == []
+    assert started.launcher.returncode == 128 + signal.SIGTERM
+    assert "seqpar run: a second signal: killed " in started.stderr()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("stubborn", [False, True], ids=["plain", "stubborn"])
+def test_a_killed_launcher_leaves_nothing_running(job, stubborn):
+    started = job(stubborn)
+    started.launcher.send_signal(signal.SIGKILL)
+    assert started.wait_gone(GONE_S) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_mpiexec_gets_sigterm_when_the_launcher_dies():
+    # a parent that starts `sleep` as launch() starts mpiexec, then is killed outright
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys\n"
+         "sys.path.insert(0, 'seqpar')  # launch.py alone: no NumPy to import\n"
+         "from launch import _ends_with_this_thread\n"
+         "child = subprocess.Popen(['sleep', '600'], preexec_fn=_ends_with_this_thread())\n"
+         "print(child.pid, flush=True)\nchild.wait()"],
+        cwd=REPO, env=_job_environment(), stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + GONE_S
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child)
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+        parent.stdout.close()

@@ -2,6 +2,9 @@
 the ring moving only the keys a rank's queries can see."""
 from __future__ import annotations
 
+import math
+import sys
+
 import numpy as np
 import pytest
 
@@ -89,8 +92,40 @@ def test_seqlens_that_do_not_add_up_raise_everywhere(comm, rng):
 
 @pytest.mark.parametrize("window, match", [((-1, 2), "window left bound must be >= 0"),
                                            ((1.5, 2), "window left bound must be an int"),
-                                           ((1,), "window must be \\(left, right\\)")])
+                                           ((1,), "window must be \\(left, right\\)"),
+                                           ((-10**30, None), "window left bound must be >= 0"),
+                                           ((0, np.int64(-3)), "window right bound must be >= 0"),
+                                           ((True, 2), "window left bound must be an int"),
+                                           ((2, np.bool_(False)), "window right bound must be"),
+                                           ((0, math.inf), "window right bound must be an int"),
+                                           (("4", 2), "window left bound must be an int")])
 def test_bad_window_raises_everywhere(comm, rng, window, match):
     q, k, v = random_qkv(rng, "float32", b=1, sq=4, hq=2, hk=2, d=4)
     raises_everywhere(comm, (ValueError, TypeError), match,
                       lambda: seqpar.ring_attention(q, k, v, comm=comm, window=window))
+
+
+HUGE = [10**30, 2**60, sys.maxsize, int(np.iinfo(np.int64).max), np.uint64(2**64 - 1)]
+
+
+@pytest.mark.parametrize("huge", HUGE, ids=["1e30", "2**60", "maxsize", "int64-max", "uint64-max"])
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+def test_huge_window_bounds_mean_unbounded(comm, rng, huge, strategy):
+    """A bound at or beyond 2**60 is no bound (exactly: no position is that far away),
+    where it overflowed int64 position arithmetic deep inside (OverflowError, or worse,
+    wrapped silently)."""
+    size = comm.size
+    q, k, v = random_qkv(rng, "float64", b=1, sq=6 * size, hq=size, hk=size, d=4)
+    parts = [seqpar.shard(x, comm) for x in (q, k, v)]
+    call = seqpar.ring_attention if strategy == "ring" else seqpar.ulysses_attention
+    out = call(*parts, comm=comm, window=(huge, huge))
+    check_attention(seqpar.gather(out, comm), q, k, v)  # no mask at all
+    out = call(*parts, comm=comm, window=(huge, 0))  # everything behind: causal
+    check_attention(seqpar.gather(out, comm), q, k, v, causal=True)
+    n = q.shape[1]
+    out = call(*parts, comm=comm, window=(2, huge))  # two back, everything ahead
+    check_attention(seqpar.gather(out, comm), q, k, v,
+                    visible=np.arange(n)[None, :] >= np.arange(n)[:, None] - 2)
+    assert Mask.build(False, (huge, None)) is None
+    assert Mask.build(True, (huge, 1)).window == (None, 1)
+    assert seqpar.masks.check_mask_arguments((huge, 2**60 - 1), None)[0] == (None, 2**60 - 1)

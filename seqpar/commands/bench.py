@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -22,16 +24,18 @@ def bench(args) -> int:
     try:
         seqs = _sizes(args, comm.size)
         dtype = dtype_for(args.dtype)
+        _check_memory(args, max(seqs), comm.size, dtype)
         if args.plot:
             from .plot import require_matplotlib
 
             require_matplotlib()
-        # rank 0 reads an existing --json file now, so a bad one stops every rank early
-        earlier = comm.bcast(_earlier_records(args.json) if comm.rank == 0 else None)
+        # rank 0, which writes them, checks the output files now and reads an existing
+        # --json file, so a bad path stops every rank before the first timing, not after
+        earlier = comm.bcast(_outputs(args) if comm.rank == 0 else None)
         if isinstance(earlier, str):
             raise UsageError(earlier)
     except UsageError as exc:  # the same on every rank: every rank stops here
-        say(f"seqpar bench: {exc}", comm=comm)
+        say(f"python -m seqpar bench: error: {exc}", comm=comm, file=sys.stderr)
         return 2
     xp = array_module(args.gpu)
     records = []
@@ -49,8 +53,7 @@ def bench(args) -> int:
         if args.plot:
             from .plot import plot_bench
 
-            plot_bench(records, args.plot)
-            print(f"wrote {args.plot}", flush=True)
+            print(f"wrote {plot_bench(records, args.plot)}", flush=True)
     return 0
 
 
@@ -59,17 +62,42 @@ _SETTINGS = ("strategy", "ranks", "seq", "heads", "kv_heads", "head_dim", "dtype
              "layout", "device", "transport")
 
 
-def _earlier_records(path: str | None) -> list | str:
-    """The records already in the --json file (none if it is missing), or what is wrong."""
-    if not path:
+def _outputs(args) -> list | str:
+    """The records already in the --json file (none if it is missing), or what is wrong
+    with --json or --plot: a folder that is missing or not writable, a file that cannot
+    be replaced, a figure format matplotlib does not write."""
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        wrong = path and _not_writable(path)
+        if wrong:
+            return f"argument {option}: {path}: {wrong}"
+    if args.plot:
+        from .plot import figure_format_problem
+
+        wrong = figure_format_problem(args.plot)
+        if wrong:
+            return f"argument --plot: {args.plot}: {wrong}"
+    if not args.json:
         return []
     try:
-        with open(path) as old:
+        with open(args.json) as old:
             return list(json.load(old)["records"])
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"--json {path}: not a file that seqpar bench wrote ({type(exc).__name__}: {exc})"
+        return (f"argument --json: {args.json}: not a file that seqpar bench wrote "
+                f"({type(exc).__name__}: {exc})")
+
+
+def _not_writable(path: str) -> str | None:
+    """Why ``path`` cannot be written (created or replaced), or None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "is a folder"
+    if not os.path.isdir(folder):
+        return f"no folder {folder}" if not os.path.exists(folder) else f"{folder} is not a folder"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else "not writable"
+    return None if os.access(folder, os.W_OK | os.X_OK) else f"folder {folder} is not writable"
 
 
 def _merge(earlier: list, records: list) -> list:
@@ -85,15 +113,9 @@ def _merge(earlier: list, records: list) -> list:
 
 
 def _sizes(args, ranks: int) -> list[int]:
-    """The sequence lengths to time: --seq, swept N/8 .. N for --plot with one N."""
-    try:
-        seqs = [int(x) for x in str(args.seq).split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--seq takes integers separated by commas, got {args.seq!r}") from None
-    if not seqs or min(seqs) <= 0:
-        raise UsageError(f"--seq must be positive, got {args.seq!r}")
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    """The sequence lengths to time: --seq (positive integers, checked by the command
+    line), swept N/8 .. N for --plot with one N."""
+    seqs = list(args.seq)
     # zigzag cuts the sequence into 2P equal chunks, contiguous into P slices
     parts = 2 * ranks if args.layout == "zigzag" else ranks
     if args.plot and len(seqs) == 1:
@@ -101,9 +123,26 @@ def _sizes(args, ranks: int) -> list[int]:
                        and seqs[0] // f >= parts} | {seqs[0]})
     bad = [n for n in seqs if n % parts]
     if bad:
-        raise UsageError(f"--seq {bad[0]} does not split into {parts} equal parts "
+        raise UsageError(f"argument --seq: {bad[0]} does not split into {parts} equal parts "
                          f"({args.layout} layout on {ranks} ranks)")
     return seqs
+
+
+def _check_memory(args, n: int, ranks: int, dtype) -> None:
+    """Refuse sizes whose arrays could never fit: one rank's share of q, k, v and the
+    output (and the float32 arrays they are drawn in) beyond all of this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no limit known
+        return
+    kv_heads = args.kv_heads or args.heads
+    elements = n // ranks * args.head_dim * (2 * args.heads + 2 * kv_heads)
+    need = elements * (np.dtype(dtype).itemsize + 4)
+    if need > memory:
+        raise UsageError(f"argument --seq: {n} tokens with "
+                         f"--heads {args.heads} and --head-dim {args.head_dim} need "
+                         f"{need / 2**30:.0f} GiB per rank, more than this machine's "
+                         f"{memory / 2**30:.0f} GiB")
 
 
 def _time_one(comm, xp, args, n: int, dtype, progress: Progress) -> dict:

@@ -1,11 +1,12 @@
 """The figure of ``seqpar bench --plot``: time and TFLOP/s against N (matplotlib)."""
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 from ._common import UsageError
 
-__all__ = ["require_matplotlib", "plot_bench"]
+__all__ = ["require_matplotlib", "figure_format_problem", "plot_bench"]
 
 
 def require_matplotlib() -> None:
@@ -16,7 +17,18 @@ def require_matplotlib() -> None:
         raise UsageError('--plot needs matplotlib: pip install "seqpar[plot]"') from None
 
 
-def plot_bench(records: list[dict], path: str) -> None:
+def figure_format_problem(path: str) -> str | None:
+    """Why matplotlib cannot write a figure to ``path`` (its suffix), or None."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        return f"matplotlib writes no .{suffix} files (.png, .pdf or .svg, for example)"
+    return None
+
+
+def plot_bench(records: list[dict], path: str) -> str:
     """Draw time (log-log) and TFLOP/s against N, one line per setting; save to ``path``.
 
     Parameters
@@ -25,7 +37,13 @@ def plot_bench(records: list[dict], path: str) -> None:
         From ``seqpar bench`` (the ``records`` of its JSON): keys ``seq``, ``median_s``,
         ``tflops``, ``ranks``, ``dtype``, ``causal``, ``device``.
     path : str
-        The image file; its suffix picks the format (``.png``, ``.svg``, ``.pdf``).
+        The image file; its suffix picks the format (``.png``, ``.svg``, ``.pdf``); without
+        one, ``.png`` is added.
+
+    Returns
+    -------
+    str
+        The file written.
     """
     # Figure without pyplot: no GUI backend, no global state, works on any node.
     from matplotlib.figure import Figure
@@ -58,4 +76,7 @@ def plot_bench(records: list[dict], path: str) -> None:
     rate_axes.legend(loc="best", fontsize="small")
     figure.suptitle("seqpar ring_attention" + "".join(
         f", {name}={records[0][name]}" for name in shared))
+    if not os.path.splitext(path)[1]:
+        path += ".png"
     figure.savefig(path, dpi=120)
+    return path
