@@ -188,6 +188,8 @@ class _Call:
         self.since = time.monotonic()
         self.deferred: Exception | None = None
         self.agreed = False
+        self.dispatch = getattr(_ACTIVE, "dispatch", None)  # see dispatching()
+        _ACTIVE.dispatch = None
 
 
 _ACTIVE = threading.local()
@@ -196,6 +198,18 @@ _ACTIVE = threading.local()
 def current_call() -> _Call | None:
     """The seqpar call this thread is in, if any."""
     return getattr(_ACTIVE, "call", None)
+
+
+@contextmanager
+def dispatching(function: str, settings: dict):
+    """The next call on this thread runs on behalf of ``function`` (which chose it
+    from ``settings``): its agreement names ``function`` and compares ``settings``
+    first, so ranks that chose differently are told why."""
+    _ACTIVE.dispatch = (function, dict(settings))
+    try:
+        yield
+    finally:
+        _ACTIVE.dispatch = None
 
 
 @contextmanager

@@ -32,8 +32,8 @@ _MESSAGE_BYTES = 1024
 _HASH_MASK = (1 << 62) - 1
 _MAX_SETTINGS = 24
 _MAX_SHARED = 4
-# slots: status, function, settings hashes, shared ints
-_STATUS, _FUNCTION, _SETTINGS = 0, 1, 2
+# slots: status, function, how many settings a dispatcher added, settings hashes, shared ints
+_STATUS, _FUNCTION, _DISPATCHED, _SETTINGS = 0, 1, 2, 3
 _SHARED = _SETTINGS + _MAX_SETTINGS
 _WIDTH = _SHARED + _MAX_SHARED
 # what a failed rank reports, in this order; anything else is "failed"
@@ -83,12 +83,23 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         On every rank but the one at fault, when a rank failed in another way
         (which re-raises its own exception).
     """
-    assert len(agree_on) <= _MAX_SETTINGS and len(share) <= _MAX_SHARED
     record = comms.current_call()
+    # called by a dispatcher (sequence_parallel_attention): what its choice rests on is
+    # compared first, even where a rank's check failed (a choice that differs is why)
+    chosen_by: Mapping[str, Any] = {} if record is None or record.dispatch is None \
+        else record.dispatch[1]
+    if chosen_by:
+        function = record.dispatch[0]
+        agree_on = tuple(chosen_by) + tuple(agree_on)
+        check = _with_settings(check, chosen_by)
+    assert len(agree_on) <= _MAX_SETTINGS and len(share) <= _MAX_SHARED
     settings: Mapping[str, Any] = {}
     resources = None
     failure: BaseException | None = None
     mine = np.zeros(_WIDTH, dtype=np.int64)
+    mine[_DISPATCHED] = len(chosen_by)
+    for i, name in enumerate(chosen_by):
+        mine[_SETTINGS + i] = _fingerprint(chosen_by[name])
     try:
         if record is not None and record.deferred is not None:
             raise record.deferred  # found before the agreement (comm, thread, timeout)
@@ -109,6 +120,8 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         record.agreed = True  # from here, an exception on one rank alone ends the job
     comms.progress("agreed with every rank")
 
+    if np.all(everyone[:, _DISPATCHED] == len(chosen_by)):  # decided alike on every rank
+        _raise_if_differs(comm, function, everyone, tuple(chosen_by), chosen_by)
     failed = np.flatnonzero(everyone[:, _STATUS])
     if failed.size:  # the cause comes first: a failed rank may also differ in its call
         culprit = int(failed[0])
@@ -129,17 +142,29 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         calls = ", ".join(f"rank {r} called {name}" for r, name in enumerate(names))
         raise collective(ValueError(f"the ranks called different seqpar functions ({calls}); "
                                     "every rank of the communicator must make the same call"))
-    settings_hashes = everyone[:, _SETTINGS:_SETTINGS + len(agree_on)]
-    differs = np.flatnonzero(np.any(settings_hashes != settings_hashes[0], axis=0))
+    _raise_if_differs(comm, function, everyone, agree_on, settings)
+    shared = {name: everyone[:, _SHARED + i].copy() for i, name in enumerate(share)}
+    return Agreement(settings, resources, shared)
+
+
+def _raise_if_differs(comm, function, everyone, names, settings) -> None:
+    """ValueError on every rank naming the first of ``names`` (the first settings
+    slots) whose value differs across ranks."""
+    hashes = everyone[:, _SETTINGS:_SETTINGS + len(names)]
+    differs = np.flatnonzero(np.any(hashes != hashes[0], axis=0))
     if differs.size:
-        name = agree_on[int(differs[0])]
+        name = names[int(differs[0])]
         values = _gather_text(comm, repr(settings[name]))
         other = next(r for r, value in enumerate(values) if value != values[0])
         raise collective(ValueError(f"{function}: {name} differs across ranks: rank 0 has "
                                     f"{values[0]}, rank {other} has {values[other]}; it must "
                                     "be the same on every rank"))
-    shared = {name: everyone[:, _SHARED + i].copy() for i, name in enumerate(share)}
-    return Agreement(settings, resources, shared)
+
+
+def _with_settings(check, extra):
+    def checked():
+        return {**check(), **extra}
+    return checked
 
 
 def report_failure(comm: MPI.Comm, function: str, error: BaseException) -> None:

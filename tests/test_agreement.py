@@ -225,7 +225,8 @@ NAMES = {
     "dlpack_device_raises": r"\b{target}\b",
     "dlpack_export_raises": r"\b{target}\b",
     "more_queries": r"\bq\b|quer|dout|\bout\b|\blse\b",
-    "strategy": r"strategy",
+    # a strategy this rank's arguments cannot run fails that strategy's own check first
+    "strategy": r"strategy|length|heads",
     "strategy_invalid": r"strategy|ulysses_size",
     "queries": r"queries|strategy",
 }

@@ -78,19 +78,24 @@ def sequence_parallel_attention(q, k, v, *, comm=None, strategy: str = "auto",
         transport, window, seqlens, check_finite, ...).
     """
     try:
-        strategy, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, options)
+        chosen, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, options)
     except Exception as exc:  # noqa: BLE001 - every rank raises, not this one alone
         # the other ranks are in their strategy's agreement: report there, so they raise
         # the same error (a choice that differs between ranks is caught there as well)
         with comms.call(comm, "sequence_parallel_attention", options.get("tag")) as context:
             report_failure(context.comm, "sequence_parallel_attention", exc)
     if stats is not None:
-        stats.update(strategy=strategy, ulysses_size=ulysses_size)
-    if strategy == "hybrid":
-        return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm, **options)
-    call = {"ring": ring_attention, "ulysses": ulysses_attention,
-            "kv_sharded": kv_sharded_attention}[strategy]
-    return call(q, k, v, comm=comm, **options)
+        stats.update(strategy=chosen, ulysses_size=ulysses_size)
+    # what the choice rests on, compared across ranks before the strategy's own settings
+    reasons = {"strategy": strategy, "queries": queries,
+               "heads of q and k/v": (q.shape[-2], k.shape[-2]),
+               "window": options.get("window"), "chosen strategy": (chosen, ulysses_size)}
+    with comms.dispatching("sequence_parallel_attention", reasons):
+        if chosen == "hybrid":
+            return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm, **options)
+        call = {"ring": ring_attention, "ulysses": ulysses_attention,
+                "kv_sharded": kv_sharded_attention}[chosen]
+        return call(q, k, v, comm=comm, **options)
 
 
 def _pick(comm, q, k, strategy, queries, ulysses_size, options) -> tuple[str, int]:
