@@ -5,7 +5,7 @@ a page when it is first written. A call allocates its buffers before the agreeme
 (:func:`seqpar.validation.agree`) but writes them after it, mid-call, so a rank over
 a memory cgroup limit (Slurm's ``--mem``) or out of RAM is killed by the kernel's OOM
 killer (exit status 137) instead of raising the collective MemoryError. This module
-says, in microseconds and before any point-to-point message, whether the call's
+says, in tens of microseconds and before any point-to-point message, whether the call's
 fresh buffers fit in what the limits leave:
 
 * :func:`fresh_arrays`, :func:`fresh_bytes`: the host arrays a call allocated (never
@@ -34,7 +34,8 @@ Limits (Linux; where none is visible nothing is checked):
 
 Costs: the paths are found once per process (again after ``fork`` or
 :func:`refresh`) and their files stay open, so a check is one ``pread`` of each
-limit's two files and of ``/proc/meminfo``, a few microseconds (measured:
+limit's two files and of ``/proc/meminfo`` and a walk over the acquired resources:
+25-35 microseconds for a ring call on a loaded 2-core machine (measured:
 ``benchmarks/reliability.md``, "Memory limits"). Only when the quick answer is
 "close" does it look harder: ``memory.stat`` (page cache the kernel would reclaim
 counts as room) and ``mincore`` (pages of the fresh buffers already committed, e.g.
@@ -204,22 +205,17 @@ def fresh_bytes(resources: Any, inputs: Any = ()) -> int:
     return sum(a.nbytes for a in fresh_arrays(resources, inputs))
 
 
-_ATOMS = frozenset((int, float, bool, complex, str, bytes, type(None)))
+_LEAVES = frozenset((int, float, bool, complex, str, bytes, type(None), type(np)))
 
 
 def _collect(x: Any, owners: dict[int, np.ndarray], seen: set[int], depth: int) -> None:
-    """Add the memory owners of the NumPy arrays nested in ``x`` to ``owners``."""
-    kind = type(x)
-    if kind in _ATOMS:
-        return
+    """Add the memory owners of the NumPy arrays nested in ``x`` to ``owners``.
+
+    Arrays among a container's items are handled in its loop (no call per array):
+    this walk runs on every call.
+    """
     if isinstance(x, np.ndarray):
-        base = x.base
-        while base is not None:
-            if not isinstance(base, np.ndarray):
-                return  # memory NumPy did not allocate (mmap, bytes, pinned buffer)
-            x, base = base, base.base
-        if x.flags.owndata:
-            owners[id(x)] = x
+        _add_owner(x, owners)
         return
     if depth >= _MAX_DEPTH or id(x) in seen:
         return
@@ -228,13 +224,31 @@ def _collect(x: Any, owners: dict[int, np.ndarray], seen: set[int], depth: int) 
     elif isinstance(x, dict):
         children = x.values()
     else:
-        fields = getattr(kind, "__dataclass_fields__", None)
+        fields = getattr(type(x), "__dataclass_fields__", None)
         if fields is None or isinstance(x, type):
             return
         children = [getattr(x, name, None) for name in fields]
     seen.add(id(x))
     for child in children:
-        _collect(child, owners, seen, depth + 1)
+        if isinstance(child, np.ndarray):
+            base = child.base
+            if base is None:
+                if child.flags.owndata:
+                    owners[id(child)] = child
+            else:
+                _add_owner(child, owners)
+        elif type(child) not in _LEAVES:
+            _collect(child, owners, seen, depth + 1)
+
+
+def _add_owner(x: np.ndarray, owners: dict[int, np.ndarray]) -> None:
+    base = x.base
+    while base is not None:
+        if not isinstance(base, np.ndarray):
+            return  # memory NumPy did not allocate (mmap, bytes, pinned buffer)
+        x, base = base, base.base
+    if x.flags.owndata:
+        owners[id(x)] = x
 
 
 def uncommitted_bytes(arrays: Iterable[np.ndarray]) -> int:
@@ -343,21 +357,23 @@ def demand(resources: Any, inputs: Any = (), *, extra: int = 0, sharers: int = 1
     -------
     Demand
     """
-    return _demand(fresh_arrays(resources, inputs), int(extra), sharers)
+    return _demand(fresh_arrays(resources, inputs), int(extra), sharers)[0]
 
 
-def _demand(arrays: list[np.ndarray] | None, extra: int, sharers: int) -> Demand:
+def _demand(arrays: list[np.ndarray] | None, extra: int,
+            sharers: int) -> tuple[Demand, bool]:
+    """The demand, and whether the quick measurement showed it fits ``sharers`` times."""
     nbytes = extra + (sum(a.nbytes for a in arrays) if arrays else 0)
     if nbytes <= 0:
-        return Demand(0, 0)  # nothing to commit (e.g. a GPU call): nothing to check
+        return Demand(0, 0), True  # nothing to commit (e.g. a GPU call): nothing to check
     count = len(arrays) if arrays else 0
     limits = memory_limits()
     margin = margin_bytes(nbytes, arrays=count)
     shared = max(1, int(sharers)) * (nbytes + margin)
     if all(limit.headroom >= (shared if limit.counts_fresh else margin) for limit in limits):
-        return Demand(nbytes, margin, limits)
+        return Demand(nbytes, margin, limits), True
     need = extra + (uncommitted_bytes(arrays) if arrays else 0)
-    return Demand(need, margin_bytes(need, arrays=count), memory_limits(precise=True))
+    return Demand(need, margin_bytes(need, arrays=count), memory_limits(precise=True)), False
 
 
 def shortfall(demands: Sequence[Demand]) -> str | None:
@@ -417,7 +433,8 @@ def ensure_available(nbytes: int, *, arrays: Sequence[np.ndarray] | None = None,
         Saying how many bytes the call needs, how many the tightest limit leaves and
         which limit it is (with the files and values read).
     """
-    message = shortfall([_demand(list(arrays) if arrays else None, int(nbytes), sharers)])
+    mine, fits = _demand(list(arrays) if arrays else None, int(nbytes), sharers)
+    message = None if fits else shortfall([mine])
     if message is not None:
         raise MemoryError(message)
 
