@@ -97,6 +97,11 @@ class CallContext:
 
     def __init__(self, user_comm: MPI.Comm | None = None, *, private: MPI.Comm | None = None):
         self.comm = private if private is not None else user_comm.Dup()
+        # ranks of this communicator on this node: they share its memory (seqpar.memory);
+        # found while the communicator is made, which every rank does at the same point
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.node_ranks = node.size
+        node.Free()
         self.lock = threading.RLock()
         self.owner: threading.Thread | None = None
         self.cache: dict = {}
@@ -188,6 +193,7 @@ class _Call:
         self.since = time.monotonic()
         self.deferred: Exception | None = None
         self.agreed = False
+        self.node_ranks = 1
         self.dispatch = getattr(_ACTIVE, "dispatch", None)  # see dispatching()
         _ACTIVE.dispatch = None
 
@@ -245,7 +251,7 @@ def call(comm, function: str, tag=None):
             progress(f"making seqpar's communicator for tag {tag} (first call with it)",
                      "every rank")
             context = context.channel(tag)
-        record.comm = context.comm
+        record.comm, record.node_ranks = context.comm, context.node_ranks
         progress("waiting for another thread's call on this communicator")
         with context.lock:
             record.deferred = record.deferred or context.claim(tag)

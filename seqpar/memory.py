@@ -405,7 +405,8 @@ def shortfall(demands: Sequence[Demand]) -> str | None:
                 f"+ a margin of {_format(margin)} for the kernels' temporaries and page "
                 f"tables)")
         if len(members) == 1:
-            return f"this call needs {what} but {limit.describe()} leaves {room}{advice}"
+            who = f"rank {members[0][0]}: " if len(demands) > 1 else ""
+            return f"{who}this call needs {what} but {limit.describe()} leaves {room}{advice}"
         ranks = ", ".join(str(rank) for rank, _, _ in members)
         return (f"ranks {ranks} share {limit.describe()}, which leaves {room}: together "
                 f"their calls need {what}{advice}")

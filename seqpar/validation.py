@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from . import comms
+from . import comms, memory
 from .comms import collective, resolve_comm
 
 __all__ = ["resolve_comm", "agree", "report_failure", "Agreement", "ATTENTION_SETTINGS",
@@ -32,10 +32,13 @@ _MESSAGE_BYTES = 1024
 _HASH_MASK = (1 << 62) - 1
 _MAX_SETTINGS = 24
 _MAX_SHARED = 4
-# slots: status, function, how many settings a dispatcher added, settings hashes, shared ints
+_MEMORY_LIMITS = 4  # limits a rank reports with its memory demand
+# slots: status, function, how many settings a dispatcher added, settings hashes, shared
+# ints, the memory demand (seqpar.memory.Demand.to_ints)
 _STATUS, _FUNCTION, _DISPATCHED, _SETTINGS = 0, 1, 2, 3
 _SHARED = _SETTINGS + _MAX_SETTINGS
-_WIDTH = _SHARED + _MAX_SHARED
+_MEMORY = _SHARED + _MAX_SHARED
+_WIDTH = _MEMORY + 2 + 2 * _MEMORY_LIMITS
 # what a failed rank reports, in this order; anything else is "failed"
 _KINDS = (ValueError, TypeError, MemoryError)
 _TAG = 32767  # the agreement's messages to rank 0 (MPI guarantees tags up to 32767)
@@ -53,7 +56,8 @@ class Agreement:
 
 def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
           agree_on: Sequence[str], acquire: Callable[[Mapping[str, Any]], Any] | None = None,
-          share: Sequence[str] = ()) -> Agreement:
+          share: Sequence[str] = (), inputs: Sequence[Any] = (),
+          extra_bytes: Callable[[Mapping[str, Any]], int] | None = None) -> Agreement:
     """Check, acquire and agree, collectively over ``comm``.
 
     Parameters
@@ -74,6 +78,18 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         OutOfMemoryError included) is reported to every rank.
     share : sequence of str
         Integer settings every rank learns from every other (e.g. local lengths).
+    inputs : sequence of arrays
+        The caller's arrays: what ``acquire`` returns that is one of them (or a view)
+        is no new memory.
+    extra_bytes : callable, optional
+        Host bytes the call will allocate after the agreement besides what
+        ``acquire`` returned (given the settings).
+
+    The host memory the acquired buffers will commit when written (NumPy reserves
+    pages lazily) is checked against the limits each rank sees (cgroup, RAM; ranks
+    of one node add up against the limit they share, :mod:`seqpar.memory`): a call
+    that does not fit raises MemoryError on every rank instead of being killed by
+    the kernel mid-call.
 
     Raises
     ------
@@ -106,6 +122,10 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         settings = check()
         if acquire is not None:
             resources = acquire(settings)
+        extra = 0 if extra_bytes is None else int(extra_bytes(settings))
+        need = memory.demand(resources, inputs, extra=extra,
+                             sharers=1 if record is None else record.node_ranks)
+        mine[_MEMORY:] = need.to_ints(_MEMORY_LIMITS)
         for i, name in enumerate(agree_on):
             mine[_SETTINGS + i] = _fingerprint(settings[name])
         for i, name in enumerate(share):
@@ -143,6 +163,9 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         raise collective(ValueError(f"the ranks called different seqpar functions ({calls}); "
                                     "every rank of the communicator must make the same call"))
     _raise_if_differs(comm, function, everyone, agree_on, settings)
+    short = memory.shortfall([memory.Demand.from_ints(row) for row in everyone[:, _MEMORY:]])
+    if short is not None:
+        raise collective(MemoryError(f"{function}: {short}"))
     shared = {name: everyone[:, _SHARED + i].copy() for i, name in enumerate(share)}
     return Agreement(settings, resources, shared)
 

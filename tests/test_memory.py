@@ -434,3 +434,34 @@ def test_under_a_real_cgroup_limit_the_check_turns_the_oom_kill_into_memory_erro
     assert code == 0 and text.startswith("MemoryError: rank 0: this call needs "), outcomes
     assert "the cgroup v1 memory.limit_in_bytes limit" in text and "leaves" in text
     assert outcomes[1024, "checked"] == (0, "finished True"), outcomes
+
+
+@pytest.mark.mpi
+def test_a_rank_short_of_memory_raises_memory_error_everywhere(comm, monkeypatch):
+    """One rank's limit (here a stand-in for a cgroup limit of 1 MiB) leaves too little
+    for the buffers a ring call acquired: every rank raises MemoryError naming it,
+    before any message is sent, and the next call (with the room back) is right."""
+    import seqpar
+    from seqpar import memory
+
+    from conftest import check_attention, random_qkv
+
+    rng = np.random.default_rng(7)
+    q, k, v = random_qkv(rng, "float64", b=1, sq=64 * comm.size, hq=4, hk=4, d=64)
+    local = [seqpar.shard(x, comm) for x in (q, k, v)]
+    short = comm.size - 1
+    if comm.rank == short:
+        tight = memory.Limit("cgroup v2 memory.max", 1 << 20, key=(12345 << 3) | 2)
+        monkeypatch.setattr(memory, "memory_limits", lambda precise=False: (tight,))
+    outcome = "returned"
+    try:
+        seqpar.ring_attention(*local, comm=comm)
+    except MemoryError as exc:
+        outcome = str(exc)
+    monkeypatch.undo()
+    everyone = comm.allgather(outcome)
+    assert all(o == everyone[0] for o in everyone), everyone
+    assert everyone[0].startswith("ring_attention: ")
+    assert ("rank " + str(short) + ": this call needs" in everyone[0]) == (comm.size > 1)
+    assert "cgroup v2 memory.max limit" in everyone[0]
+    check_attention(seqpar.gather(seqpar.ring_attention(*local, comm=comm), comm), q, k, v)

@@ -63,7 +63,8 @@ def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = Fa
             return settings
 
         agreement = agree(comm, "hybrid_attention", check, ATTENTION_SETTINGS + ("ulysses_size",),
-                          lambda _: prepare(q, k, v, softmax_scale), share=("q length",))
+                          lambda _: prepare(q, k, v, softmax_scale), share=("q length",),
+                          inputs=(q, k, v))
         p = agreement.resources
         lengths = agreement.shared["q length"].tolist()
         settings = agreement.settings

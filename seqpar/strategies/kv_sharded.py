@@ -81,7 +81,8 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
                               * p.q.shape[1], dtype=p.accumulator)
             return p, sums
 
-        agreement = agree(comm, "kv_sharded_attention", check, _AGREE, acquire)
+        agreement = agree(comm, "kv_sharded_attention", check, _AGREE, acquire,
+                          inputs=(q, k, v))
         p, sums = agreement.resources
         xp, acc = p.xp, p.accumulator
         mover = get_transport(context, p.q, transport)
@@ -147,7 +148,8 @@ def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
             dq, dk, dv = (p.xp.empty(x.shape, dtype=p.accumulator) for x in (p.q, p.k, p.v))
             return p, grad, out4, lse4, dq, dk, dv
 
-        agreement = agree(comm, "kv_sharded_attention_backward", check, _AGREE, acquire)
+        agreement = agree(comm, "kv_sharded_attention_backward", check, _AGREE, acquire,
+                          inputs=(dout, q, k, v, out, lse))
         p, grad, out4, lse4, dq, dk, dv = agreement.resources
         mover = get_transport(context, p.q, transport)
         with comms.communicating():

@@ -204,8 +204,9 @@ class _Ring:
             own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]  # sent as they are
             return p, own, _block_buffers(p, own, own[0].size, backward), acquire(p, own)
 
+        inputs = tuple(qkv) + tuple(extra_inputs or ())
         agreement = agree(comm, function, check, ATTENTION_SETTINGS, acquire_all,
-                          share=("q length", "k length"))
+                          share=("q length", "k length"), inputs=inputs)
         p, own, buffers, resources = agreement.resources
         q_lengths = tuple(agreement.shared["q length"].tolist())
         k_lengths = tuple(agreement.shared["k length"].tolist())
@@ -224,7 +225,7 @@ class _Ring:
         if len(set(k_lengths)) > 1:  # uneven shards (all ranks know): size buffers anew
             capacity = _capacity(p, own, q_place, k_place, mask, comm.rank)
             buffers = agree(comm, function, dict, (), lambda _: _block_buffers(
-                p, own, capacity, backward)).resources
+                p, own, capacity, backward), inputs=inputs).resources
         return cls(context, p, own, q_place, k_place, mask,
                    get_transport(context, p.q, transport), buffers, resources)
 
@@ -239,7 +240,8 @@ class _Ring:
             capacity = _capacity(p, own, q_place, k_place, mask, context.comm.rank)
             return own, _block_buffers(p, own, capacity, False), acquire(p, own)
 
-        own, buffers, resources = agree(everyone, function, dict, (), allocate).resources
+        own, buffers, resources = agree(everyone, function, dict, (), allocate,
+                                        inputs=(p.q, p.k, p.v)).resources
         return cls(context, p, own, q_place, k_place, mask,
                    get_transport(context, p.q, transport), buffers, resources)
 

@@ -1,6 +1,8 @@
 """Ulysses attention: all-to-all from sequence shards to head shards and back."""
 from __future__ import annotations
 
+import numpy as np
+
 
 from .. import comms
 from .._interop import accepts_dlpack
@@ -153,8 +155,21 @@ class _UlyssesCall:
                                          comm=context, window=window, seqlens=seqlens,
                                          check_finite=check_finite)
 
+        def extra_bytes(_):
+            # what the all-to-alls and the local pass allocate after the agreement: head
+            # shards of the inputs (and dout), their send and receive copies, the output
+            # and its way back in the accumulation dtype (twice that for the gradients)
+            if not isinstance(q, np.ndarray):
+                return 0  # device memory is allocated eagerly: CuPy raises in time
+            arrays = (q, k, v) + (() if extra_inputs is None else extra_inputs[:1])
+            inputs = sum(x.nbytes for x in arrays)
+            outputs = q.size * (8 if q.dtype.name == "float64" else 4)
+            return 3 * inputs + (3 if extra_inputs is None else 6) * outputs
+
+        inputs = qkv + (() if extra_inputs is None else tuple(extra_inputs))
         agreement = agree(comm, function, check, ATTENTION_SETTINGS,
-                          lambda _: prepare(q, k, v, softmax_scale), share=("q length",))
+                          lambda _: prepare(q, k, v, softmax_scale), share=("q length",),
+                          inputs=inputs, extra_bytes=extra_bytes)
         self.p = agreement.resources
         self.lengths = agreement.shared["q length"].tolist()
         if layout == "zigzag" and len(set(self.lengths)) != 1:
