@@ -200,7 +200,8 @@ def gather(x, comm=None, layout: str = "contiguous", axis: int = 1, *,
             host = np.ascontiguousarray(np.moveaxis(_to_host(x), axis, 0))
             row = int(np.prod(host.shape[1:], dtype=np.int64)) * host.dtype.itemsize
             received = np.empty((sum(per_rank),) + host.shape[1:], dtype=host.dtype)
-            comm.Allgatherv(_bytes(host), [_bytes(received), [n * row for n in per_rank]])
+            comms.complete(comm.Iallgatherv(_bytes(host),
+                                            [_bytes(received), [n * row for n in per_rank]]))
     whole = np.empty_like(received)
     offset = 0
     for rank in range(comm.size):

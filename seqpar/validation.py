@@ -220,14 +220,13 @@ def _exchange(comm: MPI.Comm, mine: np.ndarray, function: str) -> np.ndarray:
 
         comms.progress("checking arguments with every rank", absent)
         while missing:
-            done = MPI.Request.Waitsome(requests) or []
-            missing.difference_update(i + 1 for i in done)
+            missing.difference_update(i + 1 for i in comms.complete_some(requests))
     else:
-        comm.Send(mine, dest=0, tag=_TAG)
+        comms.complete(comm.Isend(mine, dest=0, tag=_TAG))  # may wait for rank 0's receive
         # rank 0 names the ranks that never came: give it time to say so first
         comms.progress("checking arguments with every rank",
                        f"rank 0, which gathers every rank's check of {function}", 1.25)
-    comm.Bcast(everyone, root=0)
+    comms.complete(comm.Ibcast(everyone, root=0))
     return everyone
 
 

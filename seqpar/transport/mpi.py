@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mpi4py import MPI
 
+from ..comms import complete
 from ._exchange import Exchange, as_bytes
 
 __all__ = ["HostTransport", "CudaAwareTransport", "MPI_OPS", "alltoallv_bytes"]
@@ -14,8 +15,8 @@ MPI_OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 
 def alltoallv_bytes(comm: MPI.Comm, send, send_counts, recv, recv_counts) -> None:
     """Alltoallv of contiguous host buffers, counts in bytes per peer."""
-    comm.Alltoallv([as_bytes(send), (list(send_counts), None), MPI.BYTE],
-                   [as_bytes(recv), (list(recv_counts), None), MPI.BYTE])
+    complete(comm.Ialltoallv([as_bytes(send), (list(send_counts), None), MPI.BYTE],
+                             [as_bytes(recv), (list(recv_counts), None), MPI.BYTE]))
 
 
 class HostTransport:
@@ -33,13 +34,14 @@ class HostTransport:
 
     def allreduce(self, buffer, op: str) -> None:
         """In-place Allreduce of a contiguous buffer; ``op`` is "sum" or "max"."""
-        self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI_OPS[op])
+        complete(self.comm.Iallreduce(MPI.IN_PLACE, buffer, op=MPI_OPS[op]))
 
     def alltoall(self, send, recv, send_counts=None, recv_counts=None) -> None:
         """``send[p]`` goes to rank p and ``recv[p]`` comes from it (contiguous; equal
         parts, or the given byte counts per peer)."""
         if send_counts is None:
-            self.comm.Alltoall([as_bytes(send), MPI.BYTE], [as_bytes(recv), MPI.BYTE])
+            complete(self.comm.Ialltoall([as_bytes(send), MPI.BYTE],
+                                         [as_bytes(recv), MPI.BYTE]))
         else:
             alltoallv_bytes(self.comm, send, send_counts, recv, recv_counts)
 
@@ -66,10 +68,12 @@ class CudaAwareTransport(HostTransport):
 class _MpiExchange(Exchange):
     """Sendrecv of whole arrays, NumPy or (CUDA-aware MPI) CuPy.
 
-    Where MPI allows threads (``THREAD_SERIALIZED`` or better) blocking
-    ``Sendrecv`` calls run on a helper thread, so the transfer progresses while the
-    caller computes (MPI progresses non-blocking requests only inside MPI calls);
-    otherwise ``Isend``/``Irecv`` are posted and completed in :meth:`wait`.
+    Where MPI allows threads (``THREAD_SERIALIZED`` or better) a helper thread posts
+    each pair and completes it, so the transfer progresses while the caller computes
+    (MPI progresses non-blocking requests only inside MPI calls); otherwise
+    ``Isend``/``Irecv`` are posted and completed in :meth:`wait`. Either way requests
+    are completed by polling between short sleeps (:func:`seqpar.comms.complete`), so
+    a rank that waits leaves its cores to ranks that compute.
     """
 
     def __init__(self, comm: MPI.Comm, gpu: bool, after: "_MpiExchange | None" = None):
@@ -104,20 +108,20 @@ class _MpiExchange(Exchange):
     def _sendrecv(self, pairs, dest, source, tag) -> None:
         if self._stream is not None:
             self._ready.synchronize()
-        for send, recv in pairs:
-            if send is not None and recv is not None:
-                self.comm.Sendrecv(send, dest, tag, recv, source, tag)
-            elif send is not None:
-                self.comm.Send(send, dest, tag)
-            else:
-                self.comm.Recv(recv, source, tag)
+        requests = []
+        for send, recv in pairs:  # one pair at a time, as a Sendrecv would
+            if recv is not None:
+                requests.append(self.comm.Irecv(recv, source, tag))
+            if send is not None:
+                requests.append(self.comm.Isend(send, dest, tag))
+            complete(requests)
 
     def _wait(self) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
         else:
-            MPI.Request.Waitall(self._requests)
+            complete(self._requests)
             self._requests = []
 
     def _finish(self) -> None:
