@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels, the GPU kernel tests, the GPU strategy
-# and transport tests at 1 and 2 ranks (sharing one GPU), and a short forward benchmark.
+# One device call: install the carried wheels (.whl: pytest-mpi), then the steps named
+# on the command line (default: all), each under its own time limit:
+#   kernel       GPU kernel tests (mma, Hopper, decode, backward) on one rank
+#   strategies   GPU strategy and transport tests at 1 and 2 ranks (sharing one GPU)
+#   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
+#   bench        a short forward benchmark against torch SDPA
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -10,6 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+steps=${*:-kernel strategies cpu bench}
 summary=()
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
@@ -19,13 +24,28 @@ step() {  # step NAME SECONDS COMMAND...
   summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" \
     "$(grep -aE '(passed|failed|error)' "$OUT/$name.log" | tail -1 | cut -c1-90)")")
 }
-step kernel 420 python3 -m pytest -q -p no:cacheprovider -x -m gpu tests/test_gpu_kernel.py
-for n in 1 2; do
-  step strategies-$n 300 mpiexec --allow-run-as-root --oversubscribe -n "$n" python3 -m mpi4py \
-    -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_strategies.py \
-    tests/test_gpu_transport.py
+mpi() {  # mpi N ARGS...: python3 -m mpi4py ARGS on N ranks
+  local n=$1; shift
+  mpiexec --allow-run-as-root --oversubscribe -n "$n" python3 -m mpi4py "$@"
+}
+for s in $steps; do
+  case $s in
+    kernel)
+      step kernel 420 python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+        tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py tests/test_gpu_decode.py \
+        tests/test_gpu_backward.py ;;
+    strategies)
+      for n in 1 2; do
+        step strategies-$n 300 mpi "$n" -m pytest --with-mpi -q -p no:cacheprovider -m gpu \
+          tests/test_gpu_strategies.py tests/test_gpu_transport.py
+      done ;;
+    cpu)
+      step cpu-faults 300 mpi 2 -m pytest --with-mpi -q -p no:cacheprovider \
+        tests/test_failures.py tests/test_agreement.py tests/test_memory.py ;;
+    bench)
+      step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
+        --ns 16384 --causal 0,1
+      tail -12 "$OUT/forward-bench.log" ;;
+  esac
 done
-step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
-  --ns 16384 --causal 0,1
-tail -12 "$OUT/forward-bench.log"
 printf '%s\n' "${summary[@]}"
