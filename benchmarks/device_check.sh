@@ -24,10 +24,7 @@ step() {  # step NAME SECONDS COMMAND...
   summary+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" \
     "$(grep -aE '(passed|failed|error)' "$OUT/$name.log" | tail -1 | cut -c1-90)")")
 }
-mpi() {  # mpi N ARGS...: python3 -m mpi4py ARGS on N ranks
-  local n=$1; shift
-  mpiexec --allow-run-as-root --oversubscribe -n "$n" python3 -m mpi4py "$@"
-}
+mpi=(mpiexec --allow-run-as-root --oversubscribe -n)  # then N python3 -m mpi4py ARGS
 for s in $steps; do
   case $s in
     kernel)
@@ -36,11 +33,11 @@ for s in $steps; do
         tests/test_gpu_backward.py ;;
     strategies)
       for n in 1 2; do
-        step strategies-$n 300 mpi "$n" -m pytest --with-mpi -q -p no:cacheprovider -m gpu \
+        step strategies-$n 300 "${mpi[@]}" "$n" python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider -m gpu \
           tests/test_gpu_strategies.py tests/test_gpu_transport.py
       done ;;
     cpu)
-      step cpu-faults 300 mpi 2 -m pytest --with-mpi -q -p no:cacheprovider \
+      step cpu-faults 300 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
         tests/test_failures.py tests/test_agreement.py tests/test_memory.py ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \

@@ -40,6 +40,7 @@ import os
 import numpy as np
 from mpi4py import MPI
 
+from ..comms import collective
 from ._exchange import Exchange
 from .mpi import CudaAwareTransport, HostTransport
 
@@ -131,11 +132,14 @@ class _GpuContext:
             if self.nccl_everywhere and not self.gpus_shared:
                 return "nccl"
             return "cuda-aware" if self.cuda_aware_everywhere else "staged"
+        # decided from what every rank gathered: raised alike on every rank
         if name == "nccl" and not self.nccl_everywhere:
-            raise ValueError("transport 'nccl': cupy.cuda.nccl is not available on every rank")
+            raise collective(ValueError(
+                "transport 'nccl': cupy.cuda.nccl is not available on every rank"))
         if name == "nccl" and self.gpus_shared:
-            raise ValueError("transport 'nccl': two ranks share one GPU, which NCCL refuses; "
-                             "use 'staged' or one GPU per rank")
+            raise collective(ValueError(
+                "transport 'nccl': two ranks share one GPU, which NCCL refuses; use "
+                "'staged' or one GPU per rank"))
         return name
 
     def transport(self, name: str):
