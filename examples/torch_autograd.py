@@ -18,14 +18,19 @@ import seqpar
 
 
 class RingAttention(torch.autograd.Function):
-    """out = attention over the sequence split across ``comm``'s ranks, by global position."""
+    """out = attention over the sequence split across ``comm``'s ranks, by global position.
+
+    PyTorch runs the backward of CUDA tensors on a thread of its own: the calls carry a
+    tag, so the forward (main thread) and the backward (that thread), one after the
+    other, pair up by it on every rank (README, "Calls from several threads").
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, comm, causal, layout):
         out, lse = seqpar.ring_attention(q, k, v, comm=comm, causal=causal, layout=layout,
-                                         return_lse=True)
+                                         return_lse=True, tag=0)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.options = dict(comm=comm, causal=causal, layout=layout)
+        ctx.options = dict(comm=comm, causal=causal, layout=layout, tag=0)
         return out
 
     @staticmethod

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from typing import Sequence
 
+from .launch import positive_int
+
 __all__ = ["main"]
 
 _EXAMPLES = """\
@@ -68,17 +70,6 @@ def _mpi_library() -> str | None:
         return MPI.Get_library_version()
     except Exception:  # noqa: BLE001 - unknown: the launcher then checks nothing
         return None
-
-
-def _positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _lengths(text: str) -> list[int]:
@@ -155,17 +146,17 @@ def _parser() -> argparse.ArgumentParser:
         "--json bench.json --plot bench.png")
     bench.add_argument("--seq", default="8192", metavar="N[,N...]", type=_lengths,
                        help="global sequence length(s), comma separated (default 8192)")
-    bench.add_argument("--heads", type=_positive, default=8, help="query heads (default 8)")
-    bench.add_argument("--kv-heads", type=_positive, default=None,
+    bench.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
+    bench.add_argument("--kv-heads", type=positive_int, default=None,
                        help="K/V heads, a divisor of --heads: fewer for grouped-query "
                             "attention (default: --heads)")
-    bench.add_argument("--head-dim", type=_positive, default=64, help="default 64")
+    bench.add_argument("--head-dim", type=positive_int, default=64, help="default 64")
     bench.add_argument("--dtype", choices=DTYPES, default="float32",
                        help="default float32; bfloat16 needs ml_dtypes (the lowp extra)")
     bench.add_argument("--causal", action="store_true", help="causal mask")
     bench.add_argument("--layout", choices=["contiguous", "zigzag"], default="zigzag",
                        help="which tokens each rank holds (default zigzag)")
-    bench.add_argument("--repeats", type=_positive, default=3,
+    bench.add_argument("--repeats", type=positive_int, default=3,
                        help="timed calls per N (default 3)")
     bench.add_argument("--gpu", action="store_true", help="use CuPy arrays, one GPU per rank")
     bench.add_argument("--transport", choices=TRANSPORTS, default="auto",

@@ -12,12 +12,12 @@ tag never meet it). Only one thread per rank can define that order, so:
 - untagged calls come from the main thread; a call from any other thread without a
   tag raises the same ValueError on every rank (a thread pool's tasks run in a
   different order on each rank, and nothing seqpar can see tells them apart);
-- a channel belongs to the first thread that uses it until that thread ends; a
-  call on it from another live thread raises on every rank.
+- the calls of one tag come one after another (from any threads: a framework may run
+  the backward on a thread of its own); a call that arrives while another thread is
+  in a call of the same tag raises on every rank.
 
-So a thread pool passes each task's own tag (or each thread its own
-``comm.Dup()`` and a tag), and calls never pair with an unrelated call. A tagged
-channel is a communicator of its own, made on its first use with
+So a thread pool passes each task's own tag, and calls never pair with an unrelated
+call. A tagged channel is a communicator of its own, made on its first use with
 ``MPI_Comm_create_group`` under that tag, which threads may do concurrently.
 
 A call acquires what it needs and agrees with the other ranks before its first
@@ -104,7 +104,7 @@ class CallContext:
         self.node_ranks = node.size
         node.Free()
         self.lock = threading.RLock()
-        self.owner: threading.Thread | None = None
+        self.active: threading.Thread | None = None  # the thread in a call, if any
         self.cache: dict = {}
         self._channels_lock = threading.Lock()
         self._making: dict = {}
@@ -137,24 +137,22 @@ class CallContext:
         if self.comm != MPI.COMM_NULL and not MPI.Is_finalized():
             self.comm.Free()
 
-    def claim(self, tag) -> Exception | None:
-        """Make the calling thread the owner (first caller, or the owner has ended);
-        the error to report when it may not call on this channel."""
-        me, owner = threading.current_thread(), self.owner
+    def refusal(self, tag, overlapping: bool) -> Exception | None:
+        """The error to report when the calling thread may not call on this channel
+        (``overlapping``: another thread was in a call on it when this one came)."""
+        me = threading.current_thread()
         if tag is None and me is not threading.main_thread():
             return ValueError(
                 f"this call comes from thread {me.name!r}, not the main thread, without a "
                 "tag: calls from other threads pair up across ranks only by a tag that "
                 "says which calls belong together (e.g. tag=task_index, the same on every "
                 "rank), since threads run in a different order on each rank")
-        if owner is None or owner is me or not owner.is_alive():
-            self.owner = me
-            return None
-        what = "comm" if tag is None else f"comm with tag {tag}"
-        return ValueError(
-            f"{what} is used by thread {owner.name!r} of this rank and this call comes from "
-            f"thread {me.name!r}: calls from two threads on one channel cannot be paired "
-            "up across ranks; give each thread's calls their own tag= (or communicator)")
+        if overlapping:
+            return ValueError(
+                f"thread {me.name!r} called with tag {tag} while another thread of this "
+                "rank was in a call with that tag: calls of one tag must come one after "
+                "another to pair up across ranks; give concurrent calls their own tags")
+        return None
 
 
 def _delete(comm, keyval, context: CallContext) -> None:
@@ -253,15 +251,20 @@ def call(comm, function: str, tag=None):
                      "every rank")
             context = context.channel(tag)
         record.comm, record.node_ranks = context.comm, context.node_ranks
+        me = threading.current_thread()
+        overlapping = context.active not in (None, me)
         progress("waiting for another thread's call on this communicator")
         with context.lock:
-            record.deferred = record.deferred or context.claim(tag)
+            record.deferred = record.deferred or context.refusal(tag, overlapping)
+            outer_active, context.active = context.active, me
             progress("checking arguments")
             try:
                 yield context
             except BaseException as exc:  # noqa: BLE001 - re-raised, or the job ends
                 _settle(record, exc)
                 raise
+            finally:
+                context.active = outer_active
     finally:
         _Watchdog.untrack(record)
         _ACTIVE.call = outer

@@ -307,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
             "  python -m seqpar run -n 4 examples/ring_attention.py --causal\n"
             "  python -m seqpar run -n 2 -m seqpar check\n"
             "  python -m seqpar run -n 4 --dry-run -m pytest --with-mpi tests"))
-    parser.add_argument("-n", "-np", "--np", dest="np", type=_rank_count, required=True,
+    parser.add_argument("-n", "-np", "--np", dest="np", type=positive_int, required=True,
                         metavar="N", help="number of MPI ranks")
     parser.add_argument("--mpiexec", metavar="PATH", type=_launcher,
                         help="the mpiexec to use (default: $MPIEXEC, else found as above)")
@@ -324,7 +324,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rank_count(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the rank count; seqpar's CLI uses it too)."""
     try:
         value = int(text)
     except ValueError:

@@ -203,32 +203,45 @@ def test_tagged_calls_from_a_thread_pool_pair_by_tag(comm, rng):
 
 
 @pytest.mark.mpi
-def test_a_tag_used_by_two_live_threads_raises_everywhere(comm, rng):
-    """Two threads alive at once calling with the same tag: the second raises on every
-    rank (the first owns the channel until it ends)."""
+def test_a_tag_used_by_two_threads_at_once_raises_everywhere(comm, rng, monkeypatch):
+    """A call that arrives while another thread is in a call of the same tag raises on
+    every rank (once the first call is done: it never meets that call's messages)."""
+    from seqpar.local import numpy_kernel
+
     problems, local = _pool_problems(rng, comm, count=2)
-    first_done, second_done = threading.Event(), threading.Event()
-    outcome = {}
+    inside = threading.Event()
+    forward = numpy_kernel.forward
 
-    def first():
-        outcome["first"] = seqpar.ring_attention(*local[0], comm=comm, tag=7)
-        first_done.set()
-        second_done.wait(timeout=60)  # stay alive while the other thread calls
+    def slow(*args, **kwargs):
+        inside.set()
+        time.sleep(0.5)  # the second thread comes meanwhile
+        return forward(*args, **kwargs)
 
-    owner = threading.Thread(target=first)
+    monkeypatch.setattr(numpy_kernel, "forward", slow)
+    first = {}
+    owner = threading.Thread(target=lambda: first.update(
+        out=seqpar.ring_attention(*local[0], comm=comm, tag=7)))
     owner.start()
-    first_done.wait(timeout=60)
+    inside.wait(timeout=60)
     try:
-        raises_everywhere(comm, ValueError, r"comm with tag 7 is used by thread",
+        raises_everywhere(comm, ValueError, r"called with tag 7 while another thread",
                           lambda: _in_thread(lambda: seqpar.ring_attention(
                               *local[1], comm=comm, tag=7)), same_message=False)
     finally:
-        second_done.set()
         owner.join(timeout=60)
-    check_attention(seqpar.gather(outcome["first"], comm), *problems[0])
-    # the owner has ended: another thread may take the tag over
-    out = _in_thread(lambda: seqpar.ring_attention(*local[1], comm=comm, tag=7))
-    check_attention(seqpar.gather(out, comm), *problems[1])
+    monkeypatch.undo()
+    check_attention(seqpar.gather(first["out"], comm), *problems[0])
+
+
+@pytest.mark.mpi
+def test_a_tag_carries_calls_from_thread_to_thread(comm, rng):
+    """One call after the other on one tag, from different threads (a framework's
+    forward on the main thread, its backward on a thread of its own): they pair up."""
+    problems, local = _pool_problems(rng, comm, count=2)
+    out = seqpar.ring_attention(*local[0], comm=comm, tag=3)
+    later = _in_thread(lambda: seqpar.ring_attention(*local[1], comm=comm, tag=3))
+    check_attention(seqpar.gather(out, comm), *problems[0])
+    check_attention(seqpar.gather(later, comm), *problems[1])
 
 
 def _in_thread(function):
