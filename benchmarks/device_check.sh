@@ -34,7 +34,7 @@ for s in $steps; do
     strategies)
       for n in 1 2; do
         step strategies-$n 300 "${mpi[@]}" "$n" python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider -m gpu \
-          tests/test_gpu_strategies.py tests/test_gpu_transport.py
+          tests/test_gpu_strategies.py tests/test_gpu_transport.py tests/test_interop.py
       done ;;
     cpu)
       step cpu-faults 300 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \

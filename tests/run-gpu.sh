@@ -12,5 +12,5 @@ python=${PYTHON:-$(command -v python || command -v python3)}
 for n in 1 2; do
   echo "== GPU strategies and transports at $n rank(s)"
   "$python" -m seqpar run -n "$n" -m pytest --with-mpi -q -p no:cacheprovider \
-    -m gpu tests/test_gpu_strategies.py tests/test_gpu_transport.py "$@" || exit
+    -m gpu tests/test_gpu_strategies.py tests/test_gpu_transport.py tests/test_interop.py "$@" || exit
 done

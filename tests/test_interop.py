@@ -7,6 +7,7 @@ import pytest
 import seqpar
 
 from conftest import check_attention, random_qkv
+from reference import reference_attention_backward, relative_error
 
 torch = pytest.importorskip("torch")
 
@@ -64,3 +65,68 @@ def test_a_plain_list_is_refused_clearly(rng):
     q, k, v = random_qkv(rng, "float32", b=1, sq=4, hq=2, hk=2, d=4)
     with pytest.raises(TypeError, match="__dlpack__"):
         seqpar.attention(q.tolist(), k, v)
+
+
+class _Ring(torch.autograd.Function):
+    """The pattern of examples/torch_autograd.py, with the tag as a parameter."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, comm, tag):
+        out, lse = seqpar.ring_attention(q, k, v, comm=comm, causal=True, return_lse=True,
+                                         tag=tag)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.options = dict(comm=comm, causal=True, tag=tag)
+        return out
+
+    threads: list = []
+
+    @staticmethod
+    def backward(ctx, dout):
+        import threading
+
+        _Ring.threads.append(threading.current_thread() is threading.main_thread())
+        grads = seqpar.ring_attention_backward(dout.contiguous(), *ctx.saved_tensors,
+                                               **ctx.options)
+        return grads + (None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.mpi
+def test_torch_cuda_backward_thread_pairs_by_tag(comm, rng):
+    """PyTorch runs the backward of CUDA tensors on a thread of its own: with a tag the
+    forward (main thread) and backward (that thread) pair up and the gradients are
+    right; without one, the backward raises the same error on every rank."""
+    from conftest import require_gpu
+
+    require_gpu()
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    seqpar.use_local_device(comm)
+    q, k, v = random_qkv(rng, "float32", b=1, sq=64 * comm.size, hq=2, hk=2, d=64)
+    mine = seqpar.local_indices(q.shape[1], comm)
+    local = [torch.from_numpy(np.ascontiguousarray(x[:, mine])).cuda().requires_grad_()
+             for x in (q, k, v)]
+    out = _Ring.apply(*local, comm, 5)
+    whole = rng.standard_normal(q.shape).astype(np.float32)  # the loss is <whole, out>
+    dout = torch.from_numpy(np.ascontiguousarray(whole[:, mine])).cuda()
+    out.backward(dout)
+    n = q.shape[1]
+    want = reference_attention_backward(whole, q, k, v,
+                                        visible=np.tril(np.ones((n, n), dtype=bool)))
+    errors = [relative_error(got.grad.cpu().numpy(), ref[:, mine])
+              for got, ref in zip(local, want)]
+    on_main = list(_Ring.threads)
+    # judged on every rank together: a rank that failed alone would strand the others
+    everyone = comm.allgather((max(errors), on_main))
+    assert all(e <= 1e-4 for e, _ in everyone), everyone
+    assert all(threads == [False] for _, threads in everyone), everyone  # torch's thread
+    # untagged: the forward runs (main thread), the backward raises on every rank
+    again = [x.detach().clone().requires_grad_() for x in local]
+    out = _Ring.apply(*again, comm, None)
+    outcome = "returned"
+    try:
+        out.backward(dout)
+    except Exception as exc:  # noqa: BLE001 - torch re-raises the backward's error here
+        outcome = f"{type(exc).__name__}: {exc}"
+    outcomes = comm.allgather(outcome)
+    assert all("not the main thread, without a tag" in o for o in outcomes), outcomes
