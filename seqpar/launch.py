@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence, TextIO
 
 __all__ = ["INSTALL_HINT", "GRACE_S", "MAX_RANKS_PER_CPU", "JOB_VARIABLE", "LaunchError",
            "MPIExec", "find_mpiexec", "slots", "usable_cpus", "mpiexec_command", "launch",
-           "main"]
+           "main", "positive_int"]
 
 INSTALL_HINT = ('pip install "seqpar[mpi]" (Open MPI) or pip install mpich, '
                 "or load your cluster's MPI module")

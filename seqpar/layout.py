@@ -128,16 +128,16 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None,
         The global array, the same shape on every rank.
     comm : mpi4py.MPI.Comm, optional
         Defaults to ``MPI.COMM_WORLD``.
-    tag : int, optional
-        Pairs this call only with calls of the same tag (0 to 32767) on the other
-        ranks; needed for calls from threads other than the main thread, which run
-        in a different order on each rank (see :mod:`seqpar.comms`).
     layout : {"contiguous", "zigzag"}
     axis : int
         The sequence axis (1 for (batch, seq, heads, head_dim)).
     lengths : sequence of int, optional
         Tokens per rank (contiguous layout); by default as even as possible
         (zigzag: ``x.shape[axis]`` must be divisible by 2P).
+    tag : int, optional
+        Pairs this call only with calls of the same tag (0 to 32767) on the other
+        ranks; needed for calls from threads other than the main thread, which run
+        in a different order on each rank (see :mod:`seqpar.comms`).
 
     Returns
     -------

@@ -123,9 +123,10 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         if acquire is not None:
             resources = acquire(settings)
         extra = 0 if extra_bytes is None else int(extra_bytes(settings))
-        need = memory.demand(resources, inputs, extra=extra,
-                             sharers=1 if record is None else record.node_ranks)
-        mine[_MEMORY:] = need.to_ints(_MEMORY_LIMITS)
+        if extra or not inputs or isinstance(inputs[0], np.ndarray):  # GPU memory is eager
+            need = memory.demand(resources, inputs, extra=extra,
+                                 sharers=1 if record is None else record.node_ranks)
+            mine[_MEMORY:] = need.to_ints(_MEMORY_LIMITS)
         for i, name in enumerate(agree_on):
             mine[_SETTINGS + i] = _fingerprint(settings[name])
         for i, name in enumerate(share):
