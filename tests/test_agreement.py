@@ -433,15 +433,19 @@ def one_rank_differs(comm, function, perturbation, faulty, seed, choice, ulysses
         problems = error_problems(everyone, faulty, NAMES[perturbation].format(target=target))
         assert not problems, _report(title, everyone, problems)
     # (c) the next correct call on the same communicator is right
-    fresh = make_problem(function, comm, seed + 1, ulysses_size)
-    attach_cache(fresh, comm)
-    result, everyone = run_everywhere(comm, lambda: call(fresh, comm))
+    check_next_call(comm, make_problem(function, comm, seed + 1, ulysses_size), title)
+
+
+
+def check_next_call(comm, problem, title) -> None:
+    """(c): a correct call on the same communicator, right on every rank."""
+    attach_cache(problem, comm)
+    result, everyone = run_everywhere(comm, lambda: call(problem, comm))
     problems = [f"rank {r} raised {o[1]}: {o[2]}" for r, o in enumerate(everyone)
                 if o[0] != "returned"]
     if not problems:
-        problems = result_problems(comm, fresh, result)
+        problems = result_problems(comm, problem, result)
     assert not problems, _report(title + ": the next correct call", everyone, problems)
-
 
 def sweep(comm, function, perturbation):
     """Run the property on examples drawn by hypothesis (the faulty rank, the data, the
@@ -527,13 +531,7 @@ def test_invalid_comm_on_every_rank(comm, function, bad):
         if what != "raised" or kind != "TypeError" or not re.search(r"\bcomm\b", text):
             problems.append(f"rank {r}: expected a TypeError naming comm")
     assert not problems, _report(f"{function}(comm={bad_comm!r})", everyone, problems)
-    attach_cache(correct, comm)
-    result, everyone = run_everywhere(comm, lambda: call(correct, comm))
-    problems = [f"rank {r} raised {o[1]}: {o[2]}" for r, o in enumerate(everyone)
-                if o[0] != "returned"]
-    if not problems:
-        problems = result_problems(comm, correct, result)
-    assert not problems, _report(f"{function}: the next correct call", everyone, problems)
+    check_next_call(comm, correct, function)
 
 
 # ---- today these hang (the SEQPAR_TIMEOUT watchdog then aborts the job) or abort it
