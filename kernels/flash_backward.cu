@@ -30,27 +30,6 @@ DEVI float lse_log2(double lse) {
                                                             : (float)(lse * 1.4426950408889634);
 }
 
-// First and last query row (local) whose visible interval meets keys [n0, n1];
-// last < first when none does. Bounds are non-decreasing in the row.
-DEVI void query_span(const MaskArgs& m, int Sq, int n0, int n1, int& first, int& last) {
-  long long lo, hi;
-  int a = 0, b = Sq;  // first row with hi >= n0 (global), as local key index
-  while (a < b) {
-    const int c = (a + b) >> 1;
-    mask_bounds(m, m.q_off + c, lo, hi);
-    if (hi - m.k_off >= n0) b = c; else a = c + 1;
-  }
-  first = a;
-  a = -1;
-  b = Sq - 1;  // last row with lo <= n1
-  while (a < b) {
-    const int c = (a + b + 1) >> 1;
-    mask_bounds(m, m.q_off + c, lo, hi);
-    if (lo - m.k_off <= n1) a = c; else b = c - 1;
-  }
-  last = a;
-}
-
 // ---------------------------------------------------------------------------
 // dK, dV. 4 warps x 16 keys = 64 keys per block; query tiles of BM rows.
 // ---------------------------------------------------------------------------

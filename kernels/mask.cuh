@@ -58,3 +58,24 @@ DEVI void fill_row_bounds(int* s_lo, int* s_hi, const MaskArgs& m, int m0, int r
 DEVI bool tile_partial(const int* s_lo, const int* s_hi, int r0, int r1, int n0, int n1) {
   return s_lo[r1] > n0 || s_hi[r0] < n1 - 1;
 }
+
+// First and last query row (local) whose visible interval meets keys [n0, n1];
+// last < first when none does. Bounds are non-decreasing in the row.
+DEVI void query_span(const MaskArgs& m, int Sq, int n0, int n1, int& first, int& last) {
+  long long lo, hi;
+  int a = 0, b = Sq;  // first row with hi >= n0 (global), as local key index
+  while (a < b) {
+    const int c = (a + b) >> 1;
+    mask_bounds(m, m.q_off + c, lo, hi);
+    if (hi - m.k_off >= n0) b = c; else a = c + 1;
+  }
+  first = a;
+  a = -1;
+  b = Sq - 1;  // last row with lo <= n1
+  while (a < b) {
+    const int c = (a + b + 1) >> 1;
+    mask_bounds(m, m.q_off + c, lo, hi);
+    if (lo - m.k_off <= n1) a = c; else b = c - 1;
+  }
+  last = a;
+}

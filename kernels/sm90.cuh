@@ -91,6 +91,13 @@ DEVI void tma_load_4d(u32 dst, const TmaDesc* d, u32 bar, int c0, int c1, int c2
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
       :: "r"(dst), "l"(d), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
 }
+// Contiguous bytes (a multiple of 16, both addresses 16-byte aligned) from global
+// memory into shared memory; completes `bytes` on `bar`.
+DEVI void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+      :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
 // Orders this thread's ordinary shared-memory writes before later async-proxy reads
 // (wgmma operands, TMA stores).
 DEVI void fence_proxy_async() {
@@ -132,6 +139,26 @@ DEVI void bar_sync(int id, int threads) {
 DEVI void bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
+
+// ---- ordering between blocks (global memory, GPU scope) ---------------------------
+// Two fp32 atomic adds to consecutive words (8-byte aligned), no return value.
+DEVI void red_add2(float* p, float x, float y) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(x), "f"(y) : "memory");
+}
+DEVI int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+DEVI void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;\n" :: "l"(p), "r"(v) : "memory");
+}
+DEVI u64 global_ns() {
+  u64 t;
+  asm volatile("mov.u64 %0, %globaltimer;\n" : "=l"(t));
+  return t;
+}
+DEVI void sleep_ns(u32 ns) { asm volatile("nanosleep.u32 %0;\n" :: "r"(ns)); }
 
 // One m64nNk16 wgmma, fp32 accumulators d[N / 2] (per thread), acc = 0 overwrites.
 //   ss<TA, TB>(d, desc_a, desc_b, acc): A and B from shared memory; TA/TB transpose
