@@ -6,7 +6,7 @@ Every backend module provides ``forward`` and ``backward`` with this contract::
             out=None, lse=None, accumulate=False) -> (out, lse)
 
     backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
-             dq=None, dk=None, dv=None, accumulate=False) -> (dq, dk, dv)
+             dq=None, dk=None, dv=None, accumulate=False, deterministic=True) -> (dq, dk, dv)
 
 q is (B, Sq, Hq, D); k, v are (B, Sk, Hk, D) with Hq a multiple of Hk (query
 head h reads K/V head h // (Hq // Hk)); any strides. ``mask`` is a
@@ -34,7 +34,9 @@ forward's ``lse`` over ALL keys of each query (any float dtype) and
 dk and dv are (B, Sk, Hk, D), all in the accumulation dtype; dk and dv sum
 over the query heads that share a K/V head. accumulate=False overwrites them,
 accumulate=True adds this block's contribution. Rows with lse -inf contribute
-nothing (never NaN).
+nothing (never NaN). deterministic=True (the default) gives the same bytes run to
+run; False lets a backend that adds dq by atomics (the Hopper kernel) drop the
+waits that fix their order.
 """
 
 from types import ModuleType

@@ -1,9 +1,13 @@
-"""CuPy backward: ``kernels/flash_backward.cu`` for float16/bfloat16, cuBLAS blocks for float32.
+"""CuPy backward: the kernel ``BACKWARD_KERNELS`` picks, for float16/bfloat16, cuBLAS
+blocks for float32.
 
-Implements ``backward`` of the contract of :mod:`seqpar.local`. float16 and bfloat16
-run two deterministic mma.sync kernels (dK/dV per key tile, dQ per query tile: no
-atomics, the same bytes run to run); float32 runs blocked cuBLAS matmuls over
-(query chunk, key chunk) pairs with the same mask rule, exact fp32 arithmetic.
+Implements ``backward`` of the contract of :mod:`seqpar.local`. On Hopper, float16 and
+bfloat16 with head dims 64 and 128 run one fused wgmma kernel
+(``seqpar/local/cupy_sm90_backward.py``: dQ by ordered atomics, the same bytes run to
+run unless ``deterministic=False``); elsewhere two mma.sync kernels of
+``kernels/flash_backward.cu`` (dK/dV per key tile, dQ per query tile: no atomics, always
+deterministic); float32 runs blocked cuBLAS matmuls over (query chunk, key chunk) pairs
+with the same mask rule, exact fp32 arithmetic.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import math
 
 import numpy as np
 
-from .cupy_kernel import _cupy, _element_strides, _kind, _mask_args, _readable, source
+from .cupy_kernel import (BACKWARD_KERNELS, _capability, _cupy, _element_strides, _kind,
+                          _mask_args, _readable, _tma_readable, choose_kernel, source)
 
 __all__ = ["backward"]
 
@@ -38,8 +43,11 @@ def _kernels(kind, head_dim, masked, device_id):
 
 
 def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
-             dq=None, dk=None, dv=None, accumulate=False):
-    """Gradients of attention over this block of keys; see :mod:`seqpar.local`."""
+             dq=None, dk=None, dv=None, accumulate=False, deterministic=True):
+    """Gradients of attention over this block of keys; see :mod:`seqpar.local`.
+
+    ``deterministic=False`` lets the Hopper kernel add dq contributions in any order
+    (faster; the rounding then varies run to run); the other kernels ignore it."""
     cupy = _cupy()
     kind = _kind(q.dtype)
     if kind is None or not (q.dtype == k.dtype == v.dtype == dout.dtype):
@@ -69,6 +77,25 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
         return _backward_f32(dout, q, k, v, lse, delta, scale, mask, q_offset, k_offset,
                              dq, dk, dv, accumulate)
     dout, q, k, v = (_readable(x, n) for x, n in ((dout, "dout"), (q, "q"), (k, "k"), (v, "v")))
+    capability = _capability(q.device.id)
+    sm90_reads = False
+    if capability == (9, 0) and d in BACKWARD_KERNELS[0][2]:
+        from . import cupy_sm90_backward
+
+        # layouts the tensor maps cannot describe are copied, so every layout runs the
+        # same kernel (the same bytes)
+        dout, q, k, v = (x if _tma_readable(x) else x.copy() for x in (dout, q, k, v))
+        # and dq rows must be 16-byte aligned for its bulk reductions
+        sm90_reads = (cupy_sm90_backward.supports(q, k, v) and _tma_readable(dout)
+                      and dq.data.ptr % 16 == 0 and all(s % 16 == 0 for s in dq.strides[:-1]))
+    if choose_kernel(q.dtype, d, capability, sm90_reads=sm90_reads,
+                     table=BACKWARD_KERNELS) == "sm90":
+        from . import cupy_sm90_backward
+
+        return cupy_sm90_backward.backward(dout, q, k, v, lse, delta, scale=scale, mask=mask,
+                                           q_offset=q_offset, k_offset=k_offset, dq=dq, dk=dk,
+                                           dv=dv, accumulate=accumulate,
+                                           deterministic=deterministic)
     masked = mask is not None
     (dkdv_fn, dq_fn), smem = _kernels(kind, d, masked, q.device.id)
     qs, ks, vs, gs, ls = (_element_strides(x) for x in (q, k, v, dout, lse))

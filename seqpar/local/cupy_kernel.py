@@ -29,7 +29,7 @@ from ..masks import UNBOUNDED
 SPLIT_CARRY = False
 
 __all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
-           "SUPPORTED_HEAD_DIMS"]
+           "BACKWARD_KERNELS", "SUPPORTED_HEAD_DIMS"]
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
@@ -44,6 +44,15 @@ KERNELS = (
     ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
 )
 _DECODE_MAX_ROWS = 64
+
+# The same for the backward (seqpar/local/cupy_backward.py).
+BACKWARD_KERNELS = (
+    # Hopper: one fused wgmma/TMA kernel (seqpar/local/cupy_sm90_backward.py)
+    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
+    # FlashAttention-2's scheme on mma.sync: dK/dV and dQ passes
+    ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
+    ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
+)
 
 # head_dim -> (warps per block, 16-row atoms per warp, key tile, cp.async
 # stages, min blocks per SM, Q held in registers) for the fp16/bf16 kernel.
@@ -102,13 +111,16 @@ def _dtype_name(dtype) -> str:
 
 
 def choose_kernel(dtype, head_dim: int, capability: tuple[int, int], rows: int = 1 << 30,
-                  sm90_reads: bool = True) -> str:
-    """The name of the kernel ``KERNELS`` picks for a call (see the table); ``rows`` is
-    query tokens x query heads per K/V head, ``sm90_reads`` whether the Hopper kernel
-    can read the operands in place (its tensor maps need 16-byte aligned strides)."""
+                  sm90_reads: bool = True, table=KERNELS) -> str:
+    """The name of the kernel ``table`` (``KERNELS`` or ``BACKWARD_KERNELS``) picks for a
+    call; ``rows`` is query tokens x query heads per K/V head, ``sm90_reads`` whether the
+    Hopper kernel can read the operands in place (its tensor maps need 16-byte aligned
+    strides). ``SEQPAR_KERNEL`` names a row to force; a name the table lacks is ignored."""
     forced = os.environ.get("SEQPAR_KERNEL", "").strip()
+    if forced not in {row[0] for row in table}:
+        forced = ""
     name = _dtype_name(dtype)
-    for kernel, dtypes, dims, minimum, condition in KERNELS:
+    for kernel, dtypes, dims, minimum, condition in table:
         if name in dtypes and head_dim in dims and tuple(capability) >= minimum:
             fits = {"rows <= 64": rows <= _DECODE_MAX_ROWS,
                     "sm90 can read the operands": sm90_reads and tuple(capability) == (9, 0),

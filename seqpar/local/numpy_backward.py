@@ -47,7 +47,7 @@ _TILE_KEYS = 512
 
 
 def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offset=0,
-             dq=None, dk=None, dv=None, accumulate=False):
+             dq=None, dk=None, dv=None, accumulate=False, deterministic=True):
     """Gradients of attention over this block of keys; see :mod:`seqpar.local`.
 
     Parameters
@@ -75,6 +75,8 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
         allocated when None.
     accumulate : bool
         Add this block's gradients into dq, dk, dv instead of overwriting them.
+    deterministic : bool
+        Accepted for the contract; this backend is always deterministic.
 
     Returns
     -------

@@ -117,7 +117,7 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
                                   softmax_scale: float | None = None, transport: str = "auto",
-                                  tag: int | None = None):
+                                  tag: int | None = None, deterministic: bool = True):
     """Gradients of :func:`kv_sharded_attention`.
 
     Each rank computes the gradients over its own K/V slice with the forward's
@@ -130,6 +130,9 @@ def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
     k, v : this rank's slice, as in the forward
     comm, softmax_scale, transport, tag : as for the forward
 
+    deterministic : bool
+        True (the default): the same bytes on every run. False lets the Hopper
+        backward add dq in any order (faster; rounding then varies run to run).
     Returns
     -------
     dq : the same on every rank (summed over the ranks' key slices)
@@ -156,7 +159,7 @@ def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
             comms.progress("local backward")
             delta = p.kernel.backward_delta(grad, out4)
             p.kernel.backward(grad, p.q, p.k, p.v, lse4, delta, scale=p.scale, dq=dq, dk=dk,
-                              dv=dv)
+                              dv=dv, deterministic=deterministic)
             comms.progress("Allreduce of dq", "every rank")
             mover.allreduce(dq, "sum")
         return p.finish_gradients(dq, dk, dv)

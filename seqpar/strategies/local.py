@@ -66,7 +66,7 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
 def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
                        softmax_scale: float | None = None, window=None, seqlens=None,
-                       q_offset: int = 0):
+                       q_offset: int = 0, deterministic: bool = True):
     """Gradients of :func:`attention` with respect to q, k and v.
 
     Parameters
@@ -77,6 +77,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     out, lse : the forward's output (q's shape and dtype) and log-sum-exp
         (``return_lse=True``; shape (B, Hq, Sq), float32 or float64).
     causal, softmax_scale, window, seqlens, q_offset : as for the forward.
+    deterministic : bool
+        True (the default): the same bytes on every run. False lets the Hopper
+        backward add dq in any order (faster; rounding then varies run to run).
 
     Returns
     -------
@@ -93,7 +96,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
     delta = p.kernel.backward_delta(dout, out)
     mask = Mask.build(causal, settings["window"], settings["seqlens"])
     dq, dk, dv = p.kernel.backward(dout, p.q, p.k, p.v, lse, delta, scale=p.scale, mask=mask,
-                                   q_offset=int(q_offset))
+                                   q_offset=int(q_offset), deterministic=deterministic)
     return p.finish_gradients(dq, dk, dv)
 
 

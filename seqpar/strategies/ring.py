@@ -116,7 +116,8 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
 def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                             softmax_scale: float | None = None, layout: str = "contiguous",
                             transport: str = "auto", window=None, seqlens=None,
-                            stats: dict | None = None, tag: int | None = None):
+                            stats: dict | None = None, tag: int | None = None,
+                            deterministic: bool = True):
     """Gradients of :func:`ring_attention` for this rank's slices of q, k and v.
 
     K/V travel as in the forward; the gradient of each block's keys and values
@@ -138,6 +139,9 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
     stats : dict, optional
         Filled like the forward's, for the K/V exchange, plus "gradient_bytes_sent".
 
+    deterministic : bool
+        True (the default): the same bytes on every run. False lets the Hopper
+        backward add dq in any order (faster; rounding then varies run to run).
     Returns
     -------
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v; with
@@ -166,7 +170,8 @@ def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool 
                                   scale=p.scale, mask=ring.mask if block.masked else None,
                                   q_offset=block.q_offset, k_offset=block.k_offset,
                                   dq=dq[:, block.q_rows], dk=targets[0][:, block.k_rows],
-                                  dv=targets[1][:, block.k_rows], accumulate=True)
+                                  dv=targets[1][:, block.k_rows], accumulate=True,
+                                  deterministic=deterministic)
 
         gradients = ring.run(attend, own_targets=dkv, visiting_targets=parts,
                              returns=home)

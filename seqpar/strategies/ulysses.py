@@ -91,7 +91,7 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
 def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
                                softmax_scale: float | None = None, layout: str = "contiguous",
                                transport: str = "auto", window=None, seqlens=None,
-                               tag: int | None = None):
+                               tag: int | None = None, deterministic: bool = True):
     """Gradients of :func:`ulysses_attention` for this rank's slices of q, k and v.
 
     The forward's all-to-alls, mirrored: q, k, v, dout and the per-row lse and
@@ -107,6 +107,9 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bo
     comm, causal, softmax_scale, layout, transport, window, seqlens, tag : as for
         the forward.
 
+    deterministic : bool
+        True (the default): the same bytes on every run. False lets the Hopper
+        backward add dq in any order (faster; rounding then varies run to run).
     Returns
     -------
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v.
@@ -133,7 +136,7 @@ def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bo
                                   mask=call.mask if block.masked else None,
                                   q_offset=block.q_offset, k_offset=block.k_offset,
                                   dq=dq[:, rows], dk=dk[:, keys], dv=dv[:, keys],
-                                  accumulate=True)
+                                  accumulate=True, deterministic=deterministic)
             comms.progress("all-to-all of dq, dk, dv", "every rank")
             grads = tuple(_to_sequence_shards(xp, mover, x, lengths) for x in (dq, dk, dv))
         return p.finish_gradients(*grads)
