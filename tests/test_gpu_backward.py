@@ -3,7 +3,10 @@
 Against the float64 analytic gradients (tests/reference.py) of the inputs as cast,
 with the DESIGN.md tolerances on each gradient and, for float16/bfloat16, no worse
 than 2x the plain computation in that dtype (tests/conftest.py); lse and delta come
-from the GPU forward, as the strategies pass them.
+from the GPU forward, as the strategies pass them. Outputs are poisoned (NaN) before
+each call, so an element left unwritten fails. Every test runs twice: on the kernel
+the table picks (on Hopper: the fused sm90 kernel for fp16/bf16 at head dims 64 and
+128) and with SEQPAR_KERNEL=mma (the mma.sync kernels every GPU has).
 """
 from __future__ import annotations
 
@@ -31,6 +34,26 @@ except ImportError:  # pragma: no cover
 TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
 
+@pytest.fixture(autouse=True, params=["table", "mma"])
+def kernel_path(request, monkeypatch):
+    """Which backward kernel runs: the table's choice, or the mma.sync kernels (float32
+    has one kernel: the forced row would not apply)."""
+    params = getattr(request.node, "callspec", None)
+    dtype_name = params.params.get("dtype_name") if params else None
+    if request.param == "mma" and dtype_name != "float32":
+        monkeypatch.setenv("SEQPAR_KERNEL", "mma")
+    else:
+        monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
+    return request.param
+
+
+def _on_sm90(dtype, d):
+    """Whether the table picks the fused Hopper backward for this dtype and head dim."""
+    capability = cupy_kernel._capability(cupy.cuda.Device().id)
+    return cupy_kernel.choose_kernel(dtype, d, capability,
+                                     table=cupy_kernel.BACKWARD_KERNELS) == "sm90"
+
+
 def _dtype(name):
     if name == "bfloat16":
         if BF16 is None:
@@ -44,20 +67,28 @@ def _inputs(rng, dtype, b, sq, sk, hq, hk, d):
     return [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in shapes]
 
 
-def _grads(q, k, v, dout, scale, mask=None, q_offset=0, k_offset=0, blocks=None):
+def _poisoned(like):
+    return cupy.full(like.shape, np.nan, np.float32)
+
+
+def _grads(q, k, v, dout, scale, mask=None, q_offset=0, k_offset=0, blocks=None,
+           deterministic=True):
     qd, kd, vd, gd = (cupy.asarray(x) for x in (q, k, v, dout))
     out, lse = cupy_kernel.forward(qd, kd, vd, scale=scale, mask=mask, q_offset=q_offset,
                                    k_offset=k_offset)
     delta = cupy_kernel.backward_delta(gd, out)
     if blocks is None:
         return cupy_kernel.backward(gd, qd, kd, vd, lse, delta, scale=scale, mask=mask,
-                                    q_offset=q_offset, k_offset=k_offset)
+                                    q_offset=q_offset, k_offset=k_offset, dq=_poisoned(qd),
+                                    dk=_poisoned(kd), dv=_poisoned(vd),
+                                    deterministic=deterministic)
     # as the ring does: every block adds its part (dq over all, dk/dv of its own keys)
     dq, dk, dv = (cupy.zeros(x.shape, np.float32) for x in (q, k, v))
     for lo, hi in blocks:
         cupy_kernel.backward(gd, qd, kd[:, lo:hi], vd[:, lo:hi], lse, delta, scale=scale,
                              mask=mask, q_offset=q_offset, k_offset=k_offset + lo,
-                             dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=True)
+                             dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=True,
+                             deterministic=deterministic)
     return dq, dk, dv
 
 
@@ -133,3 +164,33 @@ def test_backward_deterministic_and_strided():
                              mask=Mask.build(True), q_offset=200)
     assert all(bool((x == y).all()) for x, y in zip(a, c))
     assert all(bool((x == y).all()) for x, y in zip(views, before))
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_many_items(d, causal):
+    """More work items than SMs (persistent blocks take several), GQA 4:1, query tiles
+    that many key tiles add into: the ordered dq and its byte-for-byte repeat."""
+    rng = np.random.default_rng([d, int(causal), 7])
+    q, k, v, dout = _inputs(rng, _dtype("bfloat16"), 4, 200, 1300, 8, 2, d)
+    mask = Mask.build(causal)
+    q_off = 1100
+    a = _grads(q, k, v, dout, d ** -0.5, mask, q_offset=q_off)
+    b = _grads(q, k, v, dout, d ** -0.5, mask, q_offset=q_off)
+    assert all(bool((x == y).all()) for x, y in zip(a, b)), "not the same bytes twice"
+    visible = None if mask is None else mask.visible_pairs(q_off + np.arange(200),
+                                                           np.arange(1300))
+    _check(a, q, k, v, dout, d ** -0.5, visible, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_backward_unordered(dtype_name, kernel_path):
+    """deterministic=False: the same gradients within the tolerances (any order)."""
+    rng = np.random.default_rng(8)
+    q, k, v, dout = _inputs(rng, _dtype(dtype_name), 2, 333, 700, 8, 4, 128)
+    mask = Mask.build(True, (200, None))
+    grads = _grads(q, k, v, dout, 0.1, mask, q_offset=400, deterministic=False)
+    visible = mask.visible_pairs(400 + np.arange(333), np.arange(700))
+    _check(grads, q, k, v, dout, 0.1, visible, dtype_name)
+    if kernel_path == "table" and cupy_kernel._capability(cupy.cuda.Device().id) == (9, 0):
+        assert _on_sm90(_dtype(dtype_name), 128), "Hopper should run the fused sm90 backward"
