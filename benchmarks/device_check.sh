@@ -5,6 +5,7 @@
 #   strategies   GPU strategy and transport tests at 1 and 2 ranks (sharing one GPU)
 #   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
 #   bench        a short forward benchmark against torch SDPA
+#   backward     the backward tests (both kernel paths), then a short backward benchmark
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -39,6 +40,12 @@ for s in $steps; do
     cpu)
       step cpu-faults 300 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
         tests/test_failures.py tests/test_agreement.py tests/test_memory.py ;;
+    backward)
+      step backward-tests 300 python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+        tests/test_gpu_backward.py ${BACKWARD_TESTS:+-k "$BACKWARD_TESTS"}
+      bench_args=${BACKWARD_BENCH:---dtypes bf16 --dims 64,128 --ns 16384}
+      step backward-bench 240 python3 benchmarks/gpu_backward.py $bench_args
+      tail -8 "$OUT/backward-bench.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1
