@@ -3,8 +3,8 @@
 //   bwd_sm90<D, BF16, MASK, PREG, CREG>   fp16 / bf16, D = 64 or 128
 //   bwd_sm90_prep                         lse -> log2 units, delta padded, flags zeroed
 //
-// Work item = (batch, K/V head, key tile of BN = 128 keys), dealt round-robin to a
-// persistent grid of one block per SM. Roles:
+// Work item = (batch, K/V head, key tile of BN = 128 keys), dealt to a persistent grid
+// of one block per SM (round-robin, or snake order under a mask: see item_index). Roles:
 //   warpgroup 0  producer (registers PREG): one thread loads the item's K and V tile
 //                once by TMA, then streams the (query tile of BM = 64 rows, query head
 //                of the GQA group) steps: Q, dO by TMA, log2-lse and delta by bulk
@@ -15,9 +15,10 @@
 //                  P^T  = exp2(S^T sl2 - lse2)         dS^T = P^T (dP^T - delta)
 //                  dV  += P^T dO    dK  += dS^T Q      (wgmma, P^T and dS^T from registers)
 //                  dS^T -> shared memory (16-bit, swizzled), then
-//                  dQ_w  = dS K[:, half w]             (wgmma, both from shared memory,
-//                                                        dS read transposed)
-//                  dq   += scale dQ_w                   (fp32 vector atomics)
+//                  dQ_w  = dS K[:, half w]   (D = 128)  (wgmma, both from shared memory,
+//                  dQ_w  = dS_w K_w          (D = 64)    dS read transposed)
+//                  dq   += scale dQ_w       (fp32 vector atomics; with D = 64 consumer 0
+//                                            adds dQ_0 + dQ_1, staged in shared memory)
 //                dK, dV stay in registers over the item (all heads of the group) and are
 //                written once.
 // Determinism: the atomics into one dq tile happen in a fixed order, increasing key

@@ -85,9 +85,7 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
         # layouts the tensor maps cannot describe are copied, so every layout runs the
         # same kernel (the same bytes)
         dout, q, k, v = (x if _tma_readable(x) else x.copy() for x in (dout, q, k, v))
-        # and dq rows must be 16-byte aligned for its bulk reductions
-        sm90_reads = (cupy_sm90_backward.supports(q, k, v) and _tma_readable(dout)
-                      and dq.data.ptr % 16 == 0 and all(s % 16 == 0 for s in dq.strides[:-1]))
+        sm90_reads = cupy_sm90_backward.supports(q, k, v) and _tma_readable(dout)
     if choose_kernel(q.dtype, d, capability, sm90_reads=sm90_reads,
                      table=BACKWARD_KERNELS) == "sm90":
         from . import cupy_sm90_backward
