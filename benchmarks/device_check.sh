@@ -41,7 +41,7 @@ for s in $steps; do
       step cpu-faults 300 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
         tests/test_failures.py tests/test_agreement.py tests/test_memory.py ;;
     backward)
-      step backward-tests 300 python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+      step backward-tests ${BACKWARD_TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider -x -m gpu \
         tests/test_gpu_backward.py ${BACKWARD_TESTS:+-k "$BACKWARD_TESTS"}
       bench_args=${BACKWARD_BENCH:---dtypes bf16 --dims 64,128 --ns 16384}
       step backward-bench 240 python3 benchmarks/gpu_backward.py $bench_args
