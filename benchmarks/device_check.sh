@@ -44,7 +44,7 @@ for s in $steps; do
       step backward-tests ${BACKWARD_TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider -x -m gpu \
         tests/test_gpu_backward.py ${BACKWARD_TESTS:+-k "$BACKWARD_TESTS"}
       bench_args=${BACKWARD_BENCH:---dtypes bf16 --dims 64,128 --ns 16384}
-      step backward-bench 240 python3 benchmarks/gpu_backward.py $bench_args
+      step backward-bench ${BACKWARD_BENCH_LIMIT:-420} python3 benchmarks/gpu_backward.py $bench_args
       tail -8 "$OUT/backward-bench.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
