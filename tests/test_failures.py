@@ -65,7 +65,8 @@ def test_watchdog_ignores_long_computation(tmp_path):
             return forward(*args, **kwargs)
         numpy_kernel.forward = slow
         out = seqpar.ring_attention(q, k, v, comm=comm)
-        print("done", rank, flush=True)
+        sys.stdout.write(f"done {rank}\\n")  # one write: lines of two ranks never interleave
+        sys.stdout.flush()
         """, SEQPAR_TIMEOUT=1)
     assert status == 0, output
     assert "done 0" in output and "done 1" in output
