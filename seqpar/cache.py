@@ -6,6 +6,7 @@ import numpy as np
 from . import comms
 from ._interop import accepts_dlpack
 from ._arrays import dtype_name, is_supported_dtype
+from ._typing import Array, Comm, Output
 from .strategies.kv_sharded import kv_sharded_attention
 from .validation import agree
 
@@ -48,7 +49,8 @@ class ShardedKVCache:
     """
 
     def __init__(self, capacity: int, kv_heads: int, head_dim: int, *, batch: int = 1,
-                 dtype="float32", comm=None, gpu: bool = False, tag: int | None = None):
+                 dtype="float32", comm: Comm | None = None, gpu: bool = False,
+                 tag: int | None = None):
         with comms.call(comm, "ShardedKVCache", tag) as context:
             def check():
                 for name, value in (("capacity", capacity), ("kv_heads", kv_heads),
@@ -92,7 +94,7 @@ class ShardedKVCache:
         return self._local
 
     @accepts_dlpack("k", "v", "counts")
-    def append(self, k, v, counts=None) -> None:
+    def append(self, k: Array, v: Array, counts: Array | None = None) -> None:
         """Append new tokens' keys and values, the same on every rank (collective).
 
         Parameters
@@ -149,8 +151,8 @@ class ShardedKVCache:
         self._local[...] = self._xp.asarray(self._local_counts(self._lengths))
 
     @accepts_dlpack("q")
-    def attend(self, q, *, softmax_scale: float | None = None, return_lse: bool = False,
-               transport: str = "auto"):
+    def attend(self, q: Array, *, softmax_scale: float | None = None, return_lse: bool = False,
+               transport: str = "auto") -> Output:
         """Attention of ``q`` (the same on every rank) over every cached token.
 
         Parameters

@@ -15,6 +15,7 @@ import numpy as np
 from . import comms
 from ._interop import accepts_dlpack, raise_unconvertible
 from ._arrays import array_module, native
+from ._typing import Array, Comm
 from .validation import agree
 
 __all__ = ["LAYOUTS", "Placement", "segments", "split_lengths", "local_indices", "shard", "gather"]
@@ -88,7 +89,8 @@ def _lengths_for(n: int, size: int, layout: str, lengths) -> list[int]:
     return split_lengths(n, size)
 
 
-def local_indices(n: int, comm=None, layout: str = "contiguous", lengths=None) -> np.ndarray:
+def local_indices(n: int, comm: Comm | None = None, layout: str = "contiguous",
+                  lengths: Sequence[int] | None = None) -> np.ndarray:
     """The global positions of the tokens this rank holds, in local order.
 
     Build only your slice of the data from them, e.g. ``x = data[:, idx]`` on a
@@ -118,8 +120,8 @@ def local_indices(n: int, comm=None, layout: str = "contiguous", lengths=None) -
 
 
 @accepts_dlpack("x")
-def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None, *,
-          tag: int | None = None):
+def shard(x: Array, comm: Comm | None = None, layout: str = "contiguous", axis: int = 1,
+          lengths: Sequence[int] | None = None, *, tag: int | None = None) -> Array:
     """This rank's slice of a global array that every rank holds.
 
     Parameters
@@ -163,8 +165,8 @@ def shard(x, comm=None, layout: str = "contiguous", axis: int = 1, lengths=None,
 
 
 @accepts_dlpack("x")
-def gather(x, comm=None, layout: str = "contiguous", axis: int = 1, *,
-           tag: int | None = None):
+def gather(x: Array, comm: Comm | None = None, layout: str = "contiguous", axis: int = 1, *,
+           tag: int | None = None) -> Array:
     """The global array, on every rank, from each rank's slice (inverse of :func:`shard`).
 
     Parameters

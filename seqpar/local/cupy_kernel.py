@@ -73,7 +73,8 @@ def _cupy():
         import cupy
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ImportError(
-            "seqpar.local.cupy_kernel needs cupy (pip install cupy-cuda12x or cupy-cuda13x)"
+            'seqpar.local.cupy_kernel needs cupy (pip install "seqpar[cuda12]" or '
+            '"seqpar[cuda13]")'
         ) from exc
     return cupy
 

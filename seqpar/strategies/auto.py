@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import comms
 from .._interop import accepts_dlpack, raise_unconvertible
+from .._typing import Array, Comm, Output
 from ..comms import resolve_comm
 from ..validation import report_failure
 from .hybrid import hybrid_attention
@@ -55,9 +56,10 @@ def choose_strategy(ranks: int, heads: int, kv_heads: int, *, queries: str = "sh
 
 
 @accepts_dlpack("q", "k", "v")
-def sequence_parallel_attention(q, k, v, *, comm=None, strategy: str = "auto",
-                                queries: str = "sharded", ulysses_size: int | None = None,
-                                stats: dict | None = None, **options):
+def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
+                                strategy: str = "auto", queries: str = "sharded",
+                                ulysses_size: int | None = None, stats: dict | None = None,
+                                **options) -> Output:
     """Attention over a sequence split across ranks, by the strategy that suits it.
 
     Parameters

@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
+from .._typing import Array, Comm, Output, Seqlens, Window
 from ..layout import Placement
 from ..masks import Mask
 from ..merge import carried_lse
@@ -18,10 +19,11 @@ __all__ = ["hybrid_attention", "groups_of"]
 
 
 @accepts_dlpack("q", "k", "v")
-def hybrid_attention(q, k, v, *, ulysses_size: int, comm=None, causal: bool = False,
-                     softmax_scale: float | None = None, layout: str = "contiguous",
-                     return_lse: bool = False, transport: str = "auto", window=None,
-                     seqlens=None, check_finite: bool = False, tag: int | None = None):
+def hybrid_attention(q: Array, k: Array, v: Array, *, ulysses_size: int, comm: Comm | None = None,
+                     causal: bool = False, softmax_scale: float | None = None,
+                     layout: str = "contiguous", return_lse: bool = False, transport: str = "auto",
+                     window: Window = None, seqlens: Seqlens = None, check_finite: bool = False,
+                     tag: int | None = None) -> Output:
     """Exact attention with the communicator split into U x P/U ranks.
 
     Ranks r with the same r // U form a Ulysses group: an all-to-all inside it turns

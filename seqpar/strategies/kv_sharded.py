@@ -5,6 +5,7 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
+from .._typing import Array, Comm, Gradients, Output
 from ..merge import CARRY_DTYPE, carry_parts
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
@@ -19,10 +20,10 @@ _AGREE = tuple(name for name in ATTENTION_SETTINGS
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
-def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = None,
-                         return_lse: bool = False, transport: str = "auto",
-                         key_lengths=None, check_finite: bool = False,
-                         tag: int | None = None):
+def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
+                         softmax_scale: float | None = None, return_lse: bool = False,
+                         transport: str = "auto", key_lengths: Array | None = None,
+                         check_finite: bool = False, tag: int | None = None) -> Output:
     """Attention of the same queries on every rank over K/V split across the ranks.
 
     The shape of decoding: each rank attends its queries to its own K/V slice,
@@ -115,9 +116,10 @@ def kv_sharded_attention(q, k, v, *, comm=None, softmax_scale: float | None = No
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
-def kv_sharded_attention_backward(dout, q, k, v, out, lse, *, comm=None,
+def kv_sharded_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
+                                  lse: Array, *, comm: Comm | None = None,
                                   softmax_scale: float | None = None, transport: str = "auto",
-                                  tag: int | None = None, deterministic: bool = True):
+                                  tag: int | None = None, deterministic: bool = True) -> Gradients:
     """Gradients of :func:`kv_sharded_attention`.
 
     Each rank computes the gradients over its own K/V slice with the forward's

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._interop import accepts_dlpack
+from .._typing import Array, Gradients, Output, Seqlens, Window
 from ..masks import Mask
 from ..validation import check_attention_inputs, check_backward_inputs
 from ._prepare import check_finite_arrays, check_key_lengths, prepare
@@ -12,9 +13,10 @@ __all__ = ["attention", "attention_backward"]
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
-def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None,
-              return_lse: bool = False, window=None, seqlens=None, key_lengths=None,
-              q_offset: int = 0, check_finite: bool = False):
+def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
+              softmax_scale: float | None = None, return_lse: bool = False, window: Window = None,
+              seqlens: Seqlens = None, key_lengths: Array | None = None, q_offset: int = 0,
+              check_finite: bool = False) -> Output:
     """Exact softmax attention on this process's device, fused and tiled.
 
     Parameters
@@ -64,9 +66,10 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
-def attention_backward(dout, q, k, v, out, lse, *, causal: bool = False,
-                       softmax_scale: float | None = None, window=None, seqlens=None,
-                       q_offset: int = 0, deterministic: bool = True):
+def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
+                       causal: bool = False, softmax_scale: float | None = None,
+                       window: Window = None, seqlens: Seqlens = None, q_offset: int = 0,
+                       deterministic: bool = True) -> Gradients:
     """Gradients of :func:`attention` with respect to q, k and v.
 
     Parameters

@@ -7,6 +7,7 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
+from .._typing import Array, Comm, Gradients, Output, Seqlens, Window
 from ..layout import Placement
 from ..masks import UNBOUNDED, Mask
 from ..transport import get_transport
@@ -18,11 +19,11 @@ __all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
 
 
 @accepts_dlpack("q", "k", "v")
-def ring_attention(q, k, v, *, comm=None, causal: bool = False,
+def ring_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None, causal: bool = False,
                    softmax_scale: float | None = None, layout: str = "contiguous",
                    return_lse: bool = False, transport: str = "auto",
-                   stats: dict | None = None, window=None, seqlens=None,
-                   check_finite: bool = False, tag: int | None = None):
+                   stats: dict | None = None, window: Window = None, seqlens: Seqlens = None,
+                   check_finite: bool = False, tag: int | None = None) -> Output:
     """Exact attention over a sequence split across the ranks of ``comm``.
 
     Each rank holds its slice of Q, K and V (see :func:`seqpar.shard` and
@@ -113,11 +114,12 @@ def ring_attention(q, k, v, *, comm=None, causal: bool = False,
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
-def ring_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
+def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
+                            comm: Comm | None = None, causal: bool = False,
                             softmax_scale: float | None = None, layout: str = "contiguous",
-                            transport: str = "auto", window=None, seqlens=None,
-                            stats: dict | None = None, tag: int | None = None,
-                            deterministic: bool = True):
+                            transport: str = "auto", window: Window = None,
+                            seqlens: Seqlens = None, stats: dict | None = None,
+                            tag: int | None = None, deterministic: bool = True) -> Gradients:
     """Gradients of :func:`ring_attention` for this rank's slices of q, k and v.
 
     K/V travel as in the forward; the gradient of each block's keys and values

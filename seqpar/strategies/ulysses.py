@@ -6,6 +6,7 @@ import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
+from .._typing import Array, Comm, Gradients, Output, Seqlens, Window
 from ..layout import segments
 from ..masks import Mask
 from ..merge import carried_lse
@@ -18,10 +19,11 @@ __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
 @accepts_dlpack("q", "k", "v")
-def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
-                      softmax_scale: float | None = None, layout: str = "contiguous",
-                      return_lse: bool = False, transport: str = "auto", window=None,
-                      seqlens=None, check_finite: bool = False, tag: int | None = None):
+def ulysses_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
+                      causal: bool = False, softmax_scale: float | None = None,
+                      layout: str = "contiguous", return_lse: bool = False,
+                      transport: str = "auto", window: Window = None, seqlens: Seqlens = None,
+                      check_finite: bool = False, tag: int | None = None) -> Output:
     """Exact attention by head parallelism: every head still sees every token.
 
     An all-to-all turns "S/P tokens, all heads" into "all tokens, H/P heads" on each
@@ -88,10 +90,12 @@ def ulysses_attention(q, k, v, *, comm=None, causal: bool = False,
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
-def ulysses_attention_backward(dout, q, k, v, out, lse, *, comm=None, causal: bool = False,
+def ulysses_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array,
+                               *, comm: Comm | None = None, causal: bool = False,
                                softmax_scale: float | None = None, layout: str = "contiguous",
-                               transport: str = "auto", window=None, seqlens=None,
-                               tag: int | None = None, deterministic: bool = True):
+                               transport: str = "auto", window: Window = None,
+                               seqlens: Seqlens = None, tag: int | None = None,
+                               deterministic: bool = True) -> Gradients:
     """Gradients of :func:`ulysses_attention` for this rank's slices of q, k and v.
 
     The forward's all-to-alls, mirrored: q, k, v, dout and the per-row lse and
