@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, TextIO
 
 __all__ = ["INSTALL_HINT", "GRACE_S", "MAX_RANKS_PER_CPU", "JOB_VARIABLE", "LaunchError",
-           "MPIExec", "find_mpiexec", "slots", "usable_cpus", "mpiexec_command", "launch",
+           "MPIExec", "find_mpiexec", "slots", "usable_cpus", "mpiexec_command", "rank_threads",
+           "launch",
            "main", "positive_int"]
 
 INSTALL_HINT = ('pip install "seqpar[mpi]" (Open MPI) or pip install mpich, '
@@ -194,6 +195,66 @@ def mpiexec_command(mpiexec: MPIExec, nprocs: int, program: Sequence[str], *,
             python or sys.executable, "-m", "mpi4py", *program]
 
 
+# mpiexec options by which the user chose a binding: then the launcher adds none
+_BIND_OPTIONS = ("--bind-to", "-bind-to", "--map-by", "-map-by", "-binding", "--cpu-bind",
+                 "--cpus-per-task", "-c")
+
+
+def rank_threads(mpiexec: MPIExec, nprocs: int, *, cpus: int | None = None,
+                 environ: Mapping[str, str] | None = None,
+                 mpiexec_args: Sequence[str] = ()) -> tuple[list[str], dict[str, str], int]:
+    """How ranks share this machine's cores: mpiexec options, environment, threads per rank.
+
+    Open MPI binds each rank to one core by default and seqpar sizes its thread pool from
+    that binding, so one rank alone would use one core of many; MPICH binds nothing, so
+    every rank would size its pool for all cores and N ranks would oversubscribe them N
+    times. Here the ranks are left unbound (``--bind-to none`` for Open MPI) and each gets
+    ``max(1, cpus // nprocs)`` threads through ``SEQPAR_NUM_THREADS`` and
+    ``OMP_NUM_THREADS``, so the threads of one node never exceed its cores.
+
+    Parameters
+    ----------
+    mpiexec : MPIExec
+        From :func:`find_mpiexec`.
+    nprocs : int
+        Number of ranks, all on this machine.
+    cpus : int, optional
+        CPUs the job may use; defaults to :func:`usable_cpus`.
+    environ : mapping, optional
+        The launcher's environment; defaults to ``os.environ``.
+    mpiexec_args : sequence of str
+        The user's mpiexec options.
+
+    Returns
+    -------
+    options : list of str
+        For mpiexec, before ``-n``.
+    variables : dict of str to str
+        To add to the job's environment (never replacing one the user set).
+    threads : int
+        Threads per rank; 0 when the launcher leaves it to seqpar at run time (ranks on
+        other hosts, or a launcher of unknown kind such as srun, which sizes the
+        allocation itself).
+    """
+    environ = os.environ if environ is None else environ
+    words = [word.split("=")[0] for word in (*mpiexec.options, *mpiexec_args)]
+    # a count the user set for either pool is the one wanted for both
+    user = (environ.get("SEQPAR_NUM_THREADS", "").strip()
+            or environ.get("OMP_NUM_THREADS", "").strip())
+    if mpiexec.flavor == OTHER or any(word in _HOST_OPTIONS for word in words):
+        return [], {}, int(user) if user.isdigit() else 0
+    cpus = usable_cpus() if cpus is None else cpus
+    threads = int(user) if user.isdigit() and int(user) > 0 else max(1, cpus // nprocs)
+    options = []
+    # a binding the user chose is kept; otherwise Open MPI's one-core default would
+    # confine each rank's threads to a single core
+    if mpiexec.flavor == OPENMPI and not any(word in _BIND_OPTIONS for word in words):
+        options = ["--bind-to", "none"]
+    variables = {name: str(threads) for name in ("SEQPAR_NUM_THREADS", "OMP_NUM_THREADS")
+                 if not environ.get(name, "").strip()}
+    return options, variables, threads
+
+
 def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
            mpiexec_args: Sequence[str] = (), dry_run: bool = False,
            stream: TextIO | None = None, library: str | None = None,
@@ -244,16 +305,23 @@ def launch(program: Sequence[str], nprocs: int, *, mpiexec: str | None = None,
     found = find_mpiexec(mpiexec)
     if library is not None:
         _check_same_mpi(found, library)
-    command = mpiexec_command(found, nprocs, program, mpiexec_args=mpiexec_args)
+    binding, variables, threads = rank_threads(found, nprocs, mpiexec_args=mpiexec_args)
+    command = mpiexec_command(found, nprocs, program,
+                              mpiexec_args=[*binding, *mpiexec_args])
     if not oversubscribe_ok:
         _check_rank_count(found, nprocs, mpiexec_args)
     stream = sys.stderr if stream is None else stream
-    print("+ " + shlex.join(command), file=stream, flush=True)
+    print(f"+ {nprocs} rank{'s' if nprocs > 1 else ''}, "
+          + (f"{threads} thread{'s' if threads > 1 else ''} per rank" if threads
+             else "threads per rank as the launcher binds them")
+          + "".join(f" {name}={value}" for name, value in variables.items())
+          + ": " + shlex.join(command), file=stream, flush=True)
     if dry_run:
         return 0
     job = f"{os.getpid()}-{secrets.token_hex(4)}"
     outer = os.environ.get(JOB_VARIABLE)
-    environ = dict(os.environ, **{JOB_VARIABLE: f"{outer}:{job}" if outer else job})
+    environ = dict(os.environ, **variables,
+                   **{JOB_VARIABLE: f"{outer}:{job}" if outer else job})
     try:
         child = subprocess.Popen(command, env=environ, preexec_fn=_ends_with_this_thread())
     except OSError as exc:

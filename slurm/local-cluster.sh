@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A single-node Slurm cluster on this machine, for trying and testing the sbatch scripts.
 #
-#   sudo bash slurm/local-cluster.sh          # install if missing, configure, start; idempotent
+#   bash slurm/local-cluster.sh (as root)     # install if missing, configure, start; idempotent
 #   sbatch -n 2 slurm/ring_attention.sbatch --seq 4096 --causal
 #
 # Debian/Ubuntu, as root. Installs slurm-wlm, munge and PMIx (for srun --mpi=pmix) with apt

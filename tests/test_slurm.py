@@ -1,6 +1,6 @@
 """The sbatch scripts of slurm/, run for real: srun and mpiexec inside an allocation.
 
-Needs a Slurm cluster that answers ``sinfo`` (``sudo bash slurm/local-cluster.sh`` makes
+Needs a Slurm cluster that answers ``sinfo`` (``bash slurm/local-cluster.sh`` as root makes
 one on this machine) and is skipped without one. Not collective: run it as one process,
 ``python -m pytest tests/test_slurm.py``; under several ranks it skips, so that a suite run
 at N ranks does not submit N copies of each job.
