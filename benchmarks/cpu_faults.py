@@ -3,7 +3,9 @@
     python benchmarks/cpu_faults.py            # starts its own jobs with python -m seqpar run
 
 Each row is one job of its own (4 ranks unless said), timed from launch to exit:
-a rank that never makes its second call (SEQPAR_TIMEOUT=2), Ctrl-C on one rank right
+a rank that never makes its second call (SEQPAR_TIMEOUT=2), ranks passing different
+communicators (the default arrival watch, shortened), one rank's argument error left
+uncaught (how many lines the job prints), Ctrl-C on one rank right
 after the agreement, a 1-rank call whose block computes longer than SEQPAR_TIMEOUT=1;
 then the float64 error of ring and K/V-sharded attention at 3 ranks against one rank for
 scores sharing a large offset, and the host time of tiny calls at 1 and 2 ranks.
@@ -23,6 +25,16 @@ JOBS = {
         if comm.rank == 3:
             time.sleep(120)
         seqpar.ring_attention(x, x, x)
+        """),
+    "rank 0 passes COMM_WORLD, the others a Split of it; default watch at 3 s": (4, {}, """
+        seqpar.comms.ARRIVAL_TIMEOUT_S = 3.0  # 600 s unless shortened
+        x = np.random.default_rng(0).standard_normal((1, 64, 4, 32))
+        other = comm.Split(0, comm.rank)
+        seqpar.ring_attention(x, x, x, comm=comm if comm.rank == 0 else other)
+        """),
+    "rank 1 of 4 passes k with 4 heads, v with 8, uncaught": (4, {}, """
+        x = np.random.default_rng(0).standard_normal((1, 64, 8, 32))
+        seqpar.ring_attention(x, x[:, :, :4] if comm.rank == 1 else x, x)
         """),
     "Ctrl-C on rank 1 right after the agreement": (4, {}, """
         from seqpar import comms
@@ -108,11 +120,13 @@ def main() -> int:
                         ("+ ", "-", " ", "MPI_ABORT", "NOTE", "You may", "exactly", "prterun",
                          "\"abort\"", "terminated", "[", "with errorcode", "Proc:",
                          "Errorcode"))]
-            rows.append((name, done.returncode, seconds, "; ".join(s for s in said if s)))
-    print("| job | exit status | s from launch | what it said |")
-    print("| --- | --- | --- | --- |")
-    for name, status, seconds, said in rows:
-        print(f"| {name} | {status} | {seconds:.1f} | {said[:400]} |")
+            lines = len((done.stdout + done.stderr).splitlines()) - 1  # less the launch line
+            rows.append((name, done.returncode, seconds, lines,
+                         "; ".join(s for s in said if s)))
+    print("| job | exit status | s from launch | lines printed | what it said |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, status, seconds, lines, said in rows:
+        print(f"| {name} | {status} | {seconds:.1f} | {lines} | {said[:400]} |")
     return 0
 
 

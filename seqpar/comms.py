@@ -31,10 +31,14 @@ message naming the rank, the call and its step: mpi4py's abort semantics
 (``python -m mpi4py``), applied inside seqpar too. On one rank there is nobody to
 strand, and exceptions are raised as they are.
 
-``SEQPAR_TIMEOUT=<seconds>`` (off by default) starts a watchdog that counts only
-time spent *waiting for other ranks* (the agreement, transfers, collectives):
-a rank that waits longer than that aborts the job, naming the call, its step and
-the ranks that did not arrive. Long computation never trips it.
+A watchdog counts only time spent *waiting for other ranks*, never computing. By
+default it watches the waits before a call's agreement, where every rank of a
+healthy job soon arrives: a rank that waited ``ARRIVAL_TIMEOUT_S`` (10 minutes, as
+long as torch.distributed waits for NCCL collectives) for ranks that never came to
+the call (one rank passed another communicator, skipped a call, or hung elsewhere)
+ends the job, naming the call, its step and the ranks. ``SEQPAR_TIMEOUT=<seconds>``
+sets that limit and watches every wait of a call (transfers, collectives) too;
+``SEQPAR_TIMEOUT=0`` turns the watchdog off.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ __all__ = ["resolve_comm", "check_tag", "MAX_TAG", "CallContext", "call", "commu
 _CREATE_LOCK = threading.Lock()
 _KEYVAL: int | None = None
 _COLLECTIVE = "_seqpar_collective"
+_PRINTED_ONCE = "_seqpar_printed_once"
+_ECHO = "_seqpar_echo"  # the one line a rank other than 0 prints for an uncaught error
 
 
 def resolve_comm(comm) -> MPI.Comm:
@@ -68,9 +74,16 @@ def resolve_comm(comm) -> MPI.Comm:
     return comm
 
 
-def collective(error: BaseException) -> BaseException:
-    """Mark ``error`` as raised by every rank of the call alike (from agreed data)."""
+def collective(error: BaseException, *, printed_once: bool = True) -> BaseException:
+    """Mark ``error`` as raised by every rank of the call alike (from agreed data).
+
+    ``printed_once``: left uncaught, it is printed in full by rank 0 of the call's
+    communicator only, and as one line by the others (:func:`_print_uncaught`), so a
+    job of 64 ranks shows one traceback, not 64 interleaved. False for a rank's own
+    exception (its traceback is the evidence)."""
     setattr(error, _COLLECTIVE, True)
+    if printed_once:
+        setattr(error, _PRINTED_ONCE, True)
     return error
 
 
@@ -240,7 +253,8 @@ def call(comm, function: str, tag=None):
         except ValueError as exc:
             record.deferred = record.deferred or exc
         progress("making seqpar's communicator (first call on this communicator)",
-                 "every rank")
+                 "every rank of it (a rank that passed another communicator, or makes no "
+                 "seqpar call, leaves the others waiting here)")
         context = context_of(user_comm)
         try:
             check_tag(tag)
@@ -272,7 +286,15 @@ def call(comm, function: str, tag=None):
 
 def _settle(record: _Call, exc: BaseException) -> None:
     """An exception leaves the call on this rank: make sure no other rank waits for it."""
-    if is_collective(exc) or record.comm.size == 1:
+    if is_collective(exc):
+        if getattr(exc, _PRINTED_ONCE, False) and record.comm.size > 1:
+            if record.comm.rank > 0 and not hasattr(exc, _ECHO):
+                setattr(exc, _ECHO, f"seqpar: rank {record.comm.rank} of {record.comm.size}: "
+                                    f"the same {type(exc).__name__} in {record.function} "
+                                    "(rank 0 prints it in full)")
+            _print_uncaught.install()
+        return
+    if record.comm.size == 1:
         return
     if record.agreed:
         traceback.print_exc(file=sys.stderr)
@@ -281,6 +303,45 @@ def _settle(record: _Call, exc: BaseException) -> None:
     from .validation import report_failure  # the agreement builds on this module
 
     report_failure(record.comm, record.function, exc)  # every rank raises
+
+
+class _print_uncaught:
+    """Hooks for uncaught exceptions (the process's, its threads') that print a
+    collective error as its one line on ranks other than 0 and in one write on rank 0,
+    and anything else as the hooks found at installation would; installed at the
+    first such error."""
+
+    _installed = False
+    # after printing its line, a rank waits this long before its exit aborts the job:
+    # rank 0, which raised at the same moment, has printed the error by then
+    GRACE_S = 1.0
+
+    @classmethod
+    def install(cls) -> None:
+        if cls._installed:
+            return
+        cls._installed = True
+        process_hook, thread_hook = sys.excepthook, threading.excepthook
+
+        def process(kind, value, tb):
+            if hasattr(value, _ECHO):
+                sys.stderr.write(getattr(value, _ECHO) + "\n")
+                sys.stderr.flush()
+                time.sleep(cls.GRACE_S)
+            elif getattr(value, _PRINTED_ONCE, False):
+                # one write, so the launcher cannot splice other ranks' lines into it
+                sys.stderr.write("".join(traceback.format_exception(kind, value, tb)))
+                sys.stderr.flush()
+            else:
+                process_hook(kind, value, tb)
+
+        def thread(args):
+            if hasattr(args.exc_value, _ECHO):
+                sys.stderr.write(getattr(args.exc_value, _ECHO) + "\n")
+            else:
+                thread_hook(args)
+
+        sys.excepthook, threading.excepthook = process, thread
 
 
 def progress(step: str, waiting_for: object = "", patience: float = 1.0) -> None:
@@ -370,12 +431,15 @@ def _abort(comm: MPI.Comm, message: str) -> None:
     comm.Abort(1)
 
 
-def timeout_seconds() -> float:
-    """SEQPAR_TIMEOUT in seconds (0: off); ValueError naming it when it is not a
-    number of seconds >= 0."""
+ARRIVAL_TIMEOUT_S = 600.0  # default limit on waiting for ranks to arrive at a call
+
+
+def timeout_seconds() -> float | None:
+    """SEQPAR_TIMEOUT in seconds (0: off; None: unset, the default watch); ValueError
+    naming it when it is not a number of seconds >= 0."""
     text = os.environ.get("SEQPAR_TIMEOUT", "").strip()
     if not text:
-        return 0.0
+        return None
     try:
         value = float(text)
     except ValueError:
@@ -386,9 +450,21 @@ def timeout_seconds() -> float:
     return value
 
 
+def _limit(record: _Call, setting: float | None) -> tuple[float, str]:
+    """How long ``record`` may wait in its current step (0: forever), and the setting
+    that says so, for the message."""
+    if setting is None:  # the default: only ranks that never arrive at the call
+        if record.agreed:
+            return 0.0, ""
+        return ARRIVAL_TIMEOUT_S * record.patience, (
+            f"seqpar's default limit for ranks to arrive at a call, {ARRIVAL_TIMEOUT_S:g} s; "
+            "SEQPAR_TIMEOUT=<seconds> sets it, 0 turns it off")
+    return setting * record.patience, f"SEQPAR_TIMEOUT={setting:g}"
+
+
 class _Watchdog:
-    """A daemon thread that aborts calls waiting for other ranks longer than
-    SEQPAR_TIMEOUT seconds (times their patience)."""
+    """A daemon thread that aborts calls waiting for other ranks longer than their
+    limit (:func:`_limit`)."""
 
     _records: set = set()
     _lock = threading.Lock()
@@ -396,7 +472,7 @@ class _Watchdog:
 
     @classmethod
     def track(cls, record: _Call) -> None:
-        if timeout_seconds() <= 0:
+        if timeout_seconds() == 0:
             return
         with cls._lock:
             cls._records.add(record)
@@ -414,18 +490,22 @@ class _Watchdog:
     def _run(cls) -> None:
         while True:
             try:
-                limit = timeout_seconds()
+                setting = timeout_seconds()
             except ValueError:
-                limit = 0.0  # changed while running: the next call reports it
-            time.sleep(min(1.0, max(limit / 20, 0.05)))
+                setting = 0.0  # changed while running: the next call reports it
+            shortest = ARRIVAL_TIMEOUT_S if setting is None else setting
+            time.sleep(min(1.0, max(shortest / 20, 0.05)))
             now = time.monotonic()
+            stalled = []
             with cls._lock:
-                stalled = [r for r in cls._records if limit > 0 and r.waiting_for
-                           and now - r.since > limit * r.patience]
-            for record in stalled:
+                for record in cls._records:
+                    limit, why = _limit(record, setting)
+                    if limit > 0 and record.waiting_for and now - record.since > limit:
+                        stalled.append((record, why))
+            for record, why in stalled:
                 waiting_for = record.waiting_for
                 if callable(waiting_for):
                     waiting_for = waiting_for()
                 _abort(record.comm, f"rank {MPI.COMM_WORLD.rank}: {record.function} waited "
-                                    f"{now - record.since:.0f} s (SEQPAR_TIMEOUT={limit:g}) "
-                                    f"at {record.step}, for {waiting_for}")
+                                    f"{now - record.since:.0f} s ({why}) at {record.step}, "
+                                    f"for {waiting_for}")

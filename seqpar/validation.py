@@ -10,8 +10,8 @@ every rank before any point-to-point message, and the message never depends on
 what the other ranks called (a size mismatch would be an MPI error or a hang).
 Only on the error path do ranks exchange more: the text of the offending rank's
 message, or the values that differ. Rank 0 receives the messages one by one, so
-when the watchdog (SEQPAR_TIMEOUT) ends a wait there it names the ranks that
-never arrived.
+when the watchdog (on by default for this step; ``seqpar.comms``) ends a wait there
+it names the ranks that never arrived.
 """
 from __future__ import annotations
 
@@ -153,8 +153,12 @@ def agree(comm: MPI.Comm, function: str, check: Callable[[], Mapping[str, Any]],
         text = _broadcast_text(comm, text, culprit)
         if comm.rank == culprit:
             if status <= len(_KINDS):
-                raise collective(_KINDS[status - 1](f"rank {culprit}: {text}")) from failure
-            raise collective(failure)
+                error = collective(_KINDS[status - 1](f"rank {culprit}: {text}"))
+                # the message says it all: the check that raised stays reachable as
+                # __context__, out of the printed traceback
+                error.__context__, error.__suppress_context__ = failure, True
+                raise error
+            raise collective(failure, printed_once=False)
         kind = _KINDS[status - 1] if status <= len(_KINDS) else RuntimeError
         raise collective(kind(f"rank {culprit}: {text}" if status <= len(_KINDS) else
                               f"{function} failed on rank {culprit}: {text}"))

@@ -28,8 +28,8 @@ data, so all ranks fail or pass together.
 The test functions are split by what today's code does with a case that fails: a
 collective failure (a wrong error type or message, a wrong result) fails its test; a
 hang (the faulty rank raised before seqpar's agreement and left, the others wait in it)
-becomes an MPI_Abort of the whole job by the ``SEQPAR_TIMEOUT`` watchdog (else by the
-suite's per-test timeout), and an MPI error mid-call aborts it too, so those cases have
+becomes an MPI_Abort of the whole job by seqpar's watchdog (its arrival limit, or
+``SEQPAR_TIMEOUT``; else by the suite's per-test timeout), and an MPI error mid-call aborts it too, so those cases have
 test functions of their own, last in the file (``-k`` runs them one by one).
 """
 from __future__ import annotations
@@ -469,7 +469,7 @@ def sweep(comm, function, perturbation):
 
 # ------------------------------------------------------------------ the tests
 # Ordered by what today's code does with their failures: collective failures first,
-# then the cases that hang (and so abort the job through SEQPAR_TIMEOUT) or abort.
+# then the cases that hang (and so abort the job through the watchdog) or abort.
 
 EXPLICIT = tuple(f for f in FUNCTIONS if f not in ("auto", "auto_replicated"))
 AUTO = ("auto", "auto_replicated")
@@ -534,7 +534,7 @@ def test_invalid_comm_on_every_rank(comm, function, bad):
     check_next_call(comm, correct, function)
 
 
-# ---- today these hang (the SEQPAR_TIMEOUT watchdog then aborts the job) or abort it
+# ---- today these hang (the watchdog then aborts the job) or abort it
 
 @pytest.mark.parametrize("function,perturbation", cases(AUTO, ("list", "strategy_invalid")))
 def test_sequence_parallel_attention_one_rank_passes_garbage(comm, function, perturbation):

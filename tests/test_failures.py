@@ -89,6 +89,79 @@ def test_watchdog_names_the_rank_that_never_came(tmp_path):
 
 
 @own_job
+def test_default_watch_ends_a_mismatched_communicator(tmp_path):
+    """Without SEQPAR_TIMEOUT, rank 0 passing COMM_WORLD while rank 1 passes a Split
+    of it (the same ranks, another communicator) ends the job after the default
+    arrival limit (shortened here) with one line naming the call and where it waited."""
+    status, seconds, output = run_job(tmp_path, """
+        seqpar.comms.ARRIVAL_TIMEOUT_S = 2.0
+        other = comm.Split(0, rank)
+        seqpar.ring_attention(q, k, v, comm=comm if rank == 0 else other)
+        """)
+    assert status != 0
+    assert seconds < 30, output
+    assert "ring_attention waited" in output, output
+    assert "seqpar's default limit for ranks to arrive at a call" in output, output
+    assert "a rank that passed another communicator" in output, output
+
+
+@own_job
+def test_default_watch_ignores_long_computation(tmp_path):
+    """The default watch covers only arriving at a call: past the agreement, a rank
+    that waits 1.5 s per step for a slower rank's block is healthy."""
+    status, _, output = run_job(tmp_path, """
+        seqpar.comms.ARRIVAL_TIMEOUT_S = 0.5
+        from seqpar.local import numpy_kernel
+        forward = numpy_kernel.forward
+        def slow(*args, **kwargs):
+            if rank == 0:
+                time.sleep(1.5)
+            return forward(*args, **kwargs)
+        numpy_kernel.forward = slow
+        seqpar.ring_attention(q, k, v, comm=comm)
+        sys.stdout.write(f"done {rank}\\n")
+        sys.stdout.flush()
+        """)
+    assert status == 0, output
+    assert "done 0" in output and "done 1" in output
+
+
+def test_watch_limits(monkeypatch):
+    """What each setting of SEQPAR_TIMEOUT watches: unset, the waits before the
+    agreement (ARRIVAL_TIMEOUT_S); 0, nothing; a number, every wait."""
+    from seqpar import comms
+    record = comms._Call(MPI.COMM_WORLD, "ring_attention")
+    monkeypatch.delenv("SEQPAR_TIMEOUT", raising=False)
+    assert comms.timeout_seconds() is None
+    assert comms._limit(record, None)[0] == comms.ARRIVAL_TIMEOUT_S
+    record.agreed = True
+    assert comms._limit(record, None)[0] == 0
+    assert comms._limit(record, 3.0) == (3.0, "SEQPAR_TIMEOUT=3")
+    monkeypatch.setenv("SEQPAR_TIMEOUT", "0")
+    assert comms.timeout_seconds() == 0
+    assert comms._limit(record, 0.0)[0] == 0
+
+
+@own_job
+def test_an_argument_error_is_printed_once(tmp_path):
+    """One rank's bad argument at 4 ranks, uncaught: rank 0 prints the traceback and
+    the message naming the rank at fault, once; the other ranks one line each."""
+    status, _, output = run_job(tmp_path, """
+        if rank == 2:
+            k = k[:, :, :1]
+        seqpar.ring_attention(q, k, v, comm=comm)
+        """, ranks=4)
+    assert status != 0
+    assert output.count("Traceback") == 1, output
+    assert output.count("k and v must have the same shape") == 1, output
+    assert "ValueError: rank 2: k and v must have the same shape" in output, output
+    for r in (1, 2, 3):
+        assert (f"seqpar: rank {r} of 4: the same ValueError in ring_attention "
+                "(rank 0 prints it in full)") in output, output
+    assert "direct cause" not in output, output
+
+
+@own_job
 def test_interrupt_after_the_agreement_ends_the_job(tmp_path):
     """A KeyboardInterrupt on rank 0 right after the agreement (the others go on to
     communicate) ends the job promptly instead of leaving rank 1 waiting."""
