@@ -6,6 +6,8 @@
 #   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
 #   bench        a short forward benchmark against torch SDPA
 #   backward     the backward tests (both kernel paths), then a short backward benchmark
+#   graphs       CUDA graph capture tests at 1 and 2 ranks, the same tests with the kept
+#                graph memory switched off (what they catch), decode latency per call
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -46,6 +48,15 @@ for s in $steps; do
       bench_args=${BACKWARD_BENCH:---dtypes bf16 --dims 64,128 --ns 16384}
       step backward-bench ${BACKWARD_BENCH_LIMIT:-420} python3 benchmarks/gpu_backward.py $bench_args
       tail -8 "$OUT/backward-bench.log" ;;
+    graphs)
+      step graphs-1 300 python3 -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_graphs.py
+      step graphs-2 200 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
+        -m gpu tests/test_gpu_graphs.py -k "sharing or raises"
+      step graphs-unkept 300 python3 -c 'import contextlib, sys, pytest, seqpar._interop as i
+i.graph_memory = lambda first: contextlib.nullcontext()  # as before seqpar.graphs
+sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu_graphs.py"]))'
+      step graphs-bench 240 python3 benchmarks/gpu_graphs.py
+      tail -14 "$OUT/graphs-bench.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1

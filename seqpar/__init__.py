@@ -1,5 +1,6 @@
 """seqpar: exact softmax attention over sequences split across MPI ranks."""
 from . import _mpi  # noqa: F401 - first: one clear line where no MPI library loads
+from . import graphs  # noqa: F401 - seqpar.graphs.release_graph_memory()
 from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard

@@ -18,6 +18,8 @@ import sys
 
 import numpy as np
 
+from .graphs import graph_memory
+
 __all__ = ["accepts_dlpack", "Unconvertible", "raise_unconvertible"]
 
 _CPU, _CUDA, _CUDA_HOST, _CUDA_MANAGED = 1, 2, 3, 13  # DLPack device types
@@ -27,14 +29,21 @@ def accepts_dlpack(*names: str):
     """Decorate a public function: its arguments ``names`` may be any DLPack arrays.
 
     Returned arrays (one, or a tuple of them) go back as the kind of the first
-    of ``names`` (q, dout, x); NumPy and CuPy arguments pass through untouched.
+    of ``names`` (q, dout, x); NumPy and CuPy arguments pass through untouched. A GPU
+    call made while a CUDA graph captures allocates from memory kept for the graph
+    (:mod:`seqpar.graphs`).
     """
     def decorate(function):
         signature = inspect.signature(function)
+        position = list(signature.parameters).index(names[0])
 
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
             if not any(map(_foreign, args)) and not any(map(_foreign, kwargs.values())):
+                lead = args[position] if len(args) > position else kwargs.get(names[0])
+                if type(lead).__module__.startswith("cupy"):
+                    with graph_memory(lead):  # a CUDA graph may be capturing
+                        return function(*args, **kwargs)
                 return function(*args, **kwargs)  # the common case, without binding
             bound = signature.bind(*args, **kwargs)
             origin = None
@@ -49,7 +58,9 @@ def accepts_dlpack(*names: str):
                     continue
                 if name == names[0]:  # the result takes the kind of the main array
                     origin = type(value)
-            result = function(*bound.args, **bound.kwargs)
+            first = bound.arguments.get(names[0])
+            with graph_memory(first):
+                result = function(*bound.args, **bound.kwargs)
             return result if origin is None else _back(result, origin)
 
         return wrapper

@@ -261,7 +261,7 @@ def _gather_text(comm: MPI.Comm, text: str) -> list[str]:
 
 ATTENTION_SETTINGS = ("array type", "dtype", "batch", "heads of q", "heads of k/v",
                       "head_dim", "causal", "softmax_scale", "layout", "transport",
-                      "window", "seqlens", "check_finite")
+                      "window", "seqlens", "check_finite", "captured in a CUDA graph")
 
 
 def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
@@ -274,6 +274,7 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
     """
     from ._arrays import array_module, dtype_name, is_supported_dtype
     from ._interop import raise_unconvertible
+    from .graphs import capturing
     from .masks import check_mask_arguments
 
     raise_unconvertible(q, k, v)
@@ -328,6 +329,10 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
         raise TypeError("q: float64 runs on the CPU only; on the GPU use float32, "
                         "float16 or bfloat16")
     window, seqlens = check_mask_arguments(window, seqlens)
+    captured = capturing(q)
+    if captured and check_finite:
+        raise ValueError("check_finite=True reads its answer on the host, which a CUDA graph "
+                         "capture cannot replay: check the inputs before capturing")
     if transport is not None:
         from .transport import check_transport
 
@@ -337,7 +342,7 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
             "head_dim": q.shape[-1], "causal": bool(causal),
             "softmax_scale": None if softmax_scale is None else float(softmax_scale),
             "layout": layout, "transport": transport, "window": window, "seqlens": seqlens,
-            "check_finite": bool(check_finite),
+            "check_finite": bool(check_finite), "captured in a CUDA graph": captured,
             "q length": q.shape[-3], "k length": k.shape[-3]}
 
 
@@ -372,4 +377,7 @@ def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
     if not hasattr(kernel_for(array_module(q)), "backward"):
         raise TypeError(f"q: this build has no backward kernel for {type(q).__module__} "
                         "arrays")
+    if settings["captured in a CUDA graph"] and settings["dtype"] == "float32":
+        raise TypeError("q: the float32 backward runs cuBLAS, which CuPy does not capture in "
+                        "a CUDA graph; capture float16 or bfloat16, or call it directly")
     return settings

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from ..graphs import device_constant
 from .cupy_kernel import (BACKWARD_KERNELS, _capability, _cupy, _element_strides, _kind,
                           _mask_args, _readable, _tma_readable, choose_kernel, source)
 
@@ -153,8 +154,9 @@ def _backward_f32(dout, q, k, v, lse, delta, scale, mask, q_offset, k_offset, dq
                     p = cupy.exp(s - cupy.where(cupy.isinf(lt), cupy.inf, lt).astype(np.float32))
                     if lo is not None:
                         keys = cupy.arange(j0, j1)
-                        hidden = (keys[None, :] < cupy.asarray(lo)[:, None]) | \
-                            (keys[None, :] > cupy.asarray(hi)[:, None])
+                        # host bounds: copied from kept pinned memory when capturing
+                        lo_d, hi_d = (device_constant(x, q.device.id) for x in (lo, hi))
+                        hidden = (keys[None, :] < lo_d[:, None]) | (keys[None, :] > hi_d[:, None])
                         p = cupy.where(hidden[None], 0, p)
                     dv[b, j0:j1, h] += cupy.einsum("gik,gid->kd", p, gt)
                     ds = p * (cupy.matmul(gt, vt.T) - dt)

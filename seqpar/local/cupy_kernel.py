@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..graphs import device_constant, keep_for_graph
 from ..masks import UNBOUNDED
 
 # GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
@@ -190,10 +191,17 @@ def _element_strides(x):
 
 
 @functools.lru_cache(maxsize=64)
-def _doc_starts(starts: tuple, device_id: int):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return cupy.asarray(np.asarray(starts, dtype=np.int64))
+def _cached_doc_starts(starts: tuple, device_id: int):
+    return device_constant(np.asarray(starts, dtype=np.int64), device_id)
+
+
+def doc_starts(starts: tuple, device_id: int):
+    """The document boundaries of a mask on the device, cached; a graph being captured
+    keeps the array it reads, whatever the cache evicts later."""
+    array = _cached_doc_starts(starts, device_id)
+    if _cupy().cuda.get_current_stream().is_capturing():
+        keep_for_graph(array)
+    return array
 
 
 def _mask_args(mask, q_offset, k_offset, device_id):
@@ -204,7 +212,7 @@ def _mask_args(mask, q_offset, k_offset, device_id):
                 np.int32(0))
     docs, ndocs = np.uintp(0), 0
     if mask.doc_starts is not None:
-        docs = _doc_starts(tuple(mask.doc_starts), device_id)
+        docs = doc_starts(tuple(mask.doc_starts), device_id)
         ndocs = len(mask.doc_starts) - 1
     return (i64(q_offset), i64(k_offset), i64(mask.left), i64(mask.right), docs,
             np.int32(ndocs))

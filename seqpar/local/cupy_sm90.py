@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cupy_kernel import source
+from .cupy_kernel import doc_starts, source
 
 __all__ = ["forward", "supports", "Config", "CONFIGS", "SUPPORTED_HEAD_DIMS"]
 
@@ -139,13 +139,6 @@ def tensor_map(x, box_rows):
     return arr
 
 
-@functools.lru_cache(maxsize=64)
-def _doc_starts(starts, device_id):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return cupy.asarray(np.asarray(starts, dtype=np.int64))
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_id):
     return _cupy().cuda.Device(device_id).attributes["MultiProcessorCount"]
@@ -235,7 +228,7 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
         left, right = mask.left, mask.right
         docs, ndocs = None, 0
         if mask.doc_starts is not None:
-            docs = _doc_starts(tuple(mask.doc_starts), dev)
+            docs = doc_starts(tuple(mask.doc_starts), dev)
             ndocs = len(mask.doc_starts) - 1
         heavy = int(bool(mask.causal))
     if key_lengths is not None:

@@ -109,6 +109,10 @@ def check_key_lengths(key_lengths, batch: int, keys: int, xp):
     if not np.issubdtype(lengths.dtype, np.integer):
         raise TypeError(f"key_lengths must hold integers, got dtype {lengths.dtype}")
     if not device_array:
+        if xp is not np and xp.cuda.get_current_stream().is_capturing():
+            raise TypeError("key_lengths: host values would be frozen into the CUDA graph being "
+                            "captured; pass a CuPy int32 array and update it in place between "
+                            "replays")
         if lengths.size and (lengths.min() < 0 or lengths.max() > keys):
             raise ValueError(f"key_lengths must lie in [0, {keys}] (this rank's keys), "
                              f"got {lengths.tolist()}")

@@ -41,6 +41,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comms import collective
+from ..graphs import capturing
 from ._exchange import Exchange
 from .mpi import CudaAwareTransport, HostTransport
 
@@ -70,7 +71,22 @@ def check_transport(context, name: str, q) -> str:
         raise ValueError(f"q is on device {q.device.id}, but this communicator's transport is "
                          f"bound to device {gpu.device_id} on this rank: use one GPU per "
                          "rank per communicator (or a new communicator, e.g. comm.Dup())")
+    if context.comm.size > 1 and capturing(q):
+        _check_capturable(gpu, name)
     return name
+
+
+def _check_capturable(gpu, name: str) -> None:
+    """A CUDA graph replays NCCL's transfers only; MPI's run on the host, once."""
+    if name not in ("auto", "nccl") or (gpu is not None and (
+            not gpu.nccl_everywhere or gpu.gpus_shared)):
+        raise ValueError(f"transport {name!r}: a CUDA graph being captured replays NCCL "
+                         "transfers only (MPI moves data from the host, once); capture with "
+                         "transport 'nccl' (one GPU per rank)")
+    if gpu is None or "nccl" not in gpu._transports:
+        raise ValueError("transport: the first call over NCCL on a communicator sets NCCL up, "
+                         "which a CUDA graph capture cannot hold; make one call with this "
+                         "transport before capturing")
 
 
 def get_transport(context, q, name: str = "auto"):

@@ -1,0 +1,114 @@
+"""CUDA graph capture of seqpar's GPU calls.
+
+A seqpar call made while CuPy's current stream is capturing (``stream.begin_capture()``
+... ``end_capture()``) records its kernels and NCCL transfers into the graph, as any
+CuPy work does; the host work around them (checks, the agreement between ranks, the
+kernel choice) runs once, at capture. Three things make the replays right:
+
+* Memory. A replay writes every buffer the call used, long after the call returned,
+  and CuPy's pool would hand a freed temporary (a split-K partial, a receive buffer,
+  the lse of a call that did not return it) to the next array allocated: the replay
+  would then overwrite that array. So everything a captured call allocates comes
+  from memory seqpar keeps for the graph, never returned to the pool, until
+  :func:`release_graph_memory`.
+* Host data. Values that live on the host at capture (``seqlens=`` boundaries) are
+  copied from pinned buffers that are kept too; ``key_lengths=`` must be a CuPy array
+  when capturing (host values would be frozen into the graph), updated in place
+  between replays.
+* What cannot be replayed raises at capture, on every rank alike: ``check_finite=True``
+  (it reads a result on the host), transfers by MPI (``"staged"``, ``"cuda-aware"``:
+  the host moves the data, and a replay would move nothing), and the first NCCL call
+  on a communicator (it sets NCCL up). Make one call before capturing, as CUDA graph
+  users do anyway to compile and load the kernels.
+
+A graph replays on any stream; two replays of one graph, or a replay and the captured
+call's outputs read on another stream, must be ordered by the caller, as for any graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+import numpy as np
+
+__all__ = ["capturing", "graph_memory", "keep_for_graph", "device_constant",
+           "release_graph_memory", "graph_memory_bytes"]
+
+_kept: list = []          # what captured calls use: device memory, pinned buffers, arrays
+_lock = threading.Lock()
+
+
+def capturing(x) -> bool:
+    """Whether ``x`` is a CuPy array and CuPy's current stream is capturing a graph."""
+    if type(x).__module__.split(".")[0] != "cupy" or "cupy" not in sys.modules:
+        return False
+    import cupy
+
+    return bool(cupy.cuda.get_current_stream().is_capturing())
+
+
+def _allocate_kept(size: int):
+    import cupy
+
+    pointer = cupy.cuda.MemoryPointer(cupy.cuda.Memory(size), 0)
+    with _lock:
+        _kept.append(pointer)
+    return pointer
+
+
+@contextlib.contextmanager
+def graph_memory(first_argument):
+    """Inside: CuPy arrays allocated by this thread come from kept memory when the
+    current stream captures (``first_argument`` says whether this is a GPU call)."""
+    if not capturing(first_argument):
+        yield
+        return
+    import cupy
+
+    with cupy.cuda.using_allocator(_allocate_kept):
+        yield
+
+
+def keep_for_graph(*objects) -> None:
+    """Keep ``objects`` (cached device arrays a captured kernel reads) alive as long as
+    the graph memory, whatever becomes of the cache that holds them."""
+    with _lock:
+        _kept.extend(objects)
+
+
+def device_constant(values: np.ndarray, device_id: int):
+    """``values`` as a CuPy array on ``device_id``; while capturing, copied from a
+    pinned host buffer kept with the graph (a replay copies it again)."""
+    import cupy
+
+    values = np.ascontiguousarray(values)
+    with cupy.cuda.Device(device_id):
+        stream = cupy.cuda.get_current_stream()
+        if not stream.is_capturing():
+            return cupy.asarray(values)
+        pinned = cupy.cuda.alloc_pinned_memory(max(values.nbytes, 1))
+        host = np.frombuffer(pinned, values.dtype, values.size).reshape(values.shape)
+        host[...] = values
+        array = cupy.empty(values.shape, values.dtype)
+        # the runtime's copy: CuPy's own refuses host copies while capturing, though
+        # one from pinned memory that stays is what a graph can replay
+        cupy.cuda.runtime.memcpyAsync(array.data.ptr, host.ctypes.data, values.nbytes,
+                                      cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        keep_for_graph(pinned, host, array)
+        return array
+
+
+def graph_memory_bytes() -> int:
+    """Device bytes kept for the graphs captured since the last release."""
+    import cupy
+
+    with _lock:
+        return sum(p.mem.size for p in _kept if isinstance(p, cupy.cuda.MemoryPointer))
+
+
+def release_graph_memory() -> None:
+    """Free what captured seqpar calls kept. Call it only when no graph that captured a
+    seqpar call will be replayed again (a replay after it writes freed memory)."""
+    with _lock:
+        _kept.clear()
