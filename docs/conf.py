@@ -10,16 +10,16 @@ sys.path.insert(0, os.path.join(ROOT, "docs", "_ext"))   # seqpar_api, the API p
 
 # Load the MPI library without initialising it: building the docs is no MPI job, and
 # `import seqpar` needs mpi4py's MPI module only for its names.
-import mpi4py  # noqa: E402
+import mpi4py
 
 mpi4py.rc.initialize = False
 mpi4py.rc.finalize = False
 
-import seqpar  # noqa: E402
+import seqpar
 
 project = "seqpar"
 author = "The seqpar developers"
-copyright = "the seqpar developers"  # noqa: A001 - Sphinx's name for it
+copyright = "the seqpar developers"
 release = version = seqpar.__version__
 
 extensions = [
