@@ -25,6 +25,11 @@ def use_local_device(comm: MPI.Comm | None = None, device: int | None = None) ->
         Use this device instead. The environment variable ``SEQPAR_DEVICE`` does
         the same for a whole job; ``CUDA_VISIBLE_DEVICES`` still decides what is
         visible.
+
+    Returns
+    -------
+    int
+        The id of the device now current (among the visible ones).
     """
     import cupy
 

@@ -37,9 +37,27 @@ def choose_strategy(ranks: int, heads: int, kv_heads: int, *, queries: str = "sh
     - A sliding window: ``ring``, which exchanges blocks with the ranks the window
       reaches only.
     - Otherwise the group size U (a divisor of P that divides both head counts) with
-      the least communication per token (:func:`communication_per_token`); ties go
+      the least communication per token
+      (:func:`~seqpar.strategies.auto.communication_per_token`); ties go
       to the smaller U, whose transfers overlap compute. U = 1 is ``ring``, U = P is
       ``ulysses``, anything between ``hybrid``.
+
+    Parameters
+    ----------
+    ranks : int
+        P, the number of ranks.
+    heads, kv_heads : int
+        Heads of q and of k/v.
+    queries : {"sharded", "replicated"}
+        As for :func:`sequence_parallel_attention`.
+    window : (left, right), optional
+        The sliding window, if any.
+
+    Returns
+    -------
+    strategy : {"ring", "ulysses", "hybrid", "kv_sharded"}
+    ulysses_size : int
+        U: 1 for ``ring`` and ``kv_sharded``, P for ``ulysses``.
     """
     if queries not in ("sharded", "replicated"):
         raise ValueError(f"queries must be 'sharded' or 'replicated', got {queries!r}")
@@ -78,6 +96,10 @@ def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | No
     **options
         Keywords of the chosen strategy (causal, softmax_scale, layout, return_lse,
         transport, window, seqlens, check_finite, ...).
+
+    Returns
+    -------
+    out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
     try:
         chosen, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, options)

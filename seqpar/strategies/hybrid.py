@@ -40,8 +40,8 @@ def hybrid_attention(q: Array, k: Array, v: Array, *, ulysses_size: int, comm: C
     ulysses_size : int
         U: ranks per Ulysses group; it must divide the number of ranks, and the
         heads of q and of k/v.
-    comm, causal, softmax_scale, layout, return_lse, transport, window, seqlens,
-    check_finite, tag : as for :func:`seqpar.ring_attention`.
+    comm, causal, softmax_scale, layout, return_lse : as for :func:`seqpar.ring_attention`.
+    transport, window, seqlens, check_finite, tag : as for :func:`seqpar.ring_attention`.
 
     Returns
     -------

@@ -131,10 +131,10 @@ def kv_sharded_attention_backward(dout: Array, q: Array, k: Array, v: Array, out
         lse, ``return_lse=True``, are identical on every rank)
     k, v : this rank's slice, as in the forward
     comm, softmax_scale, transport, tag : as for the forward
-
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
+
     Returns
     -------
     dq : the same on every rank (summed over the ranks' key slices)

@@ -140,10 +140,10 @@ def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Arra
         as for the forward, and the same on every rank.
     stats : dict, optional
         Filled like the forward's, for the K/V exchange, plus "gradient_bytes_sent".
-
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
+
     Returns
     -------
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v; with

@@ -110,10 +110,10 @@ def ulysses_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: A
     out, lse : this rank's forward output and log-sum-exp (``return_lse=True``).
     comm, causal, softmax_scale, layout, transport, window, seqlens, tag : as for
         the forward.
-
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
+
     Returns
     -------
     dq, dk, dv : this rank's gradients, of the shapes and dtypes of q, k, v.

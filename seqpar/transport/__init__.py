@@ -6,18 +6,18 @@ step, overlapped with compute), ``allreduce(buffer, op)`` in place with op "sum"
 or "max", and ``alltoall(send, recv[, send_counts, recv_counts])``. Every buffer
 they touch is C-contiguous and owned by the caller or the exchange.
 
-=============  ==============================================================
-``"host"``     NumPy arrays through mpi4py (the only one for NumPy arrays)
-``"nccl"``     CuPy arrays by NCCL (``cupy.cuda.nccl``), its communicator
-               bootstrapped over the MPI one, made once and reused
-``"cuda-aware"`` CuPy arrays handed straight to an MPI built with CUDA support
-``"staged"``   CuPy arrays through pinned host buffers and any MPI, chunked
-               so that copies overlap the transfer
-``"auto"``     NumPy: host. CuPy: nccl where every rank has it and no two ranks
-               share a GPU (NCCL refuses that), else cuda-aware where the MPI
-               says so on every rank, else staged (also on one rank, where
-               nothing crosses)
-=============  ==============================================================
+================  ==============================================================
+``"host"``        NumPy arrays through mpi4py (the only one for NumPy arrays)
+``"nccl"``        CuPy arrays by NCCL (``cupy.cuda.nccl``), its communicator
+                  bootstrapped over the MPI one, made once and reused
+``"cuda-aware"``  CuPy arrays handed straight to an MPI built with CUDA support
+``"staged"``      CuPy arrays through pinned host buffers and any MPI, chunked
+                  so that copies overlap the transfer
+``"auto"``        NumPy: host. CuPy: nccl where every rank has it and no two ranks
+                  share a GPU (NCCL refuses that), else cuda-aware where the MPI
+                  says so on every rank, else staged (also on one rank, where
+                  nothing crosses)
+================  ==============================================================
 
 CUDA-aware MPI is detected with ``MPIX_Query_cuda_support`` (Open MPI) or
 ``MPIX_GPU_query_support`` (MPICH); ``SEQPAR_CUDA_AWARE_MPI=0`` or ``1`` in the
