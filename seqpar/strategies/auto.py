@@ -6,7 +6,7 @@ from .._interop import accepts_dlpack, raise_unconvertible
 from .._typing import Array, Comm, Output
 from ..comms import resolve_comm
 from ..validation import report_failure
-from ._prepare import heads_axis
+from ._prepare import check_qkv_format, heads_axis
 from .hybrid import hybrid_attention
 from .kv_sharded import kv_sharded_attention
 from .ring import ring_attention
@@ -111,6 +111,7 @@ def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | No
 def _pick(comm, q, k, strategy, queries, ulysses_size, qkv_format,
           options) -> tuple[str, int]:
     """The strategy and its Ulysses group size, from this rank's arguments."""
+    check_qkv_format(qkv_format)  # before the choice it orders the axes of
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     raise_unconvertible(q, k)
@@ -120,7 +121,7 @@ def _pick(comm, q, k, strategy, queries, ulysses_size, qkv_format,
             if getattr(x, "ndim", None) not in (3, 4):
                 raise TypeError(f"{name} must be an array of 3 or 4 dimensions (seq, heads, "
                                 f"head_dim) or (batch, seq, heads, head_dim), got {x!r:.80}")
-        axis = heads_axis(qkv_format)  # a bad qkv_format: the strategy's check names it
+        axis = heads_axis(qkv_format)
         strategy, chosen = choose_strategy(size, q.shape[axis], k.shape[axis], queries=queries,
                                            window=options.get("window"))
         ulysses_size = chosen if strategy == "hybrid" else ulysses_size
