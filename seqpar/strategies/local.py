@@ -7,7 +7,12 @@ from .._interop import accepts_dlpack
 from .._typing import Array, Gradients, Output, Seqlens, Window
 from ..masks import Mask
 from ..validation import check_attention_inputs, check_backward_inputs
-from ._prepare import accepts_qkv_format, check_finite_arrays, check_key_lengths, prepare
+from ._prepare import (
+    accepts_qkv_format,
+    check_finite_arrays,
+    check_key_lengths,
+    prepare,
+)
 
 __all__ = ["attention", "attention_backward"]
 
