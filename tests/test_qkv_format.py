@@ -85,6 +85,7 @@ def compare_forward(problem, function, **options):
     out, lse = function(q, k, v, qkv_format="bhsd", return_lse=True, **options)
     want_out, want_lse = function(*problem.bshd[:3], return_lse=True, **options)
     assert out.shape == q.shape, (out.shape, q.shape)  # (B, H, S, D), like q
+    assert out.swapaxes(-3, -2).flags.c_contiguous  # a view of the (B, S, H, D) result
     assert lse.shape == want_lse.shape == q.shape[:-1]  # (B, H, S) in both formats
     assert_same_bits(out.swapaxes(-3, -2), want_out, "out")
     assert_same_bits(lse, want_lse, "lse")
@@ -113,7 +114,7 @@ def compare_backward(problem, backward, out, lse, want_out, want_lse, visible=No
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_ring(comm, rng, dtype, causal, layout):
     problem = Sharded(comm, rng, dtype, layout=layout, hk=2)
-    options = dict(comm=comm, causal=causal, layout=layout)
+    options = {"comm": comm, "causal": causal, "layout": layout}
     result = compare_forward(problem, seqpar.ring_attention, **options)
     compare_backward(problem, seqpar.ring_attention_backward, *result,
                      visible=causal_pairs(problem.q.shape[1]) if causal else None, **options)
@@ -134,7 +135,7 @@ def test_ring_without_batch_axis(comm, rng):
 @pytest.mark.parametrize("causal", [False, True])
 def test_ulysses(comm, rng, causal, layout):
     problem = Sharded(comm, rng, "float32", layout=layout)
-    options = dict(comm=comm, causal=causal, layout=layout)
+    options = {"comm": comm, "causal": causal, "layout": layout}
     result = compare_forward(problem, seqpar.ulysses_attention, **options)
     compare_backward(problem, seqpar.ulysses_attention_backward, *result,
                      visible=causal_pairs(problem.q.shape[1]) if causal else None, **options)
@@ -234,7 +235,7 @@ def _calls(comm, rng):
     cache = seqpar.ShardedKVCache(4 * comm.size, k.shape[2], 8, batch=2, dtype="float64",
                                   comm=comm)
     cache.append(k[:, :4], v[:, :4])
-    shared = dict(comm=comm)
+    shared = {"comm": comm}
     return {
         "ring_attention": lambda f, t: seqpar.ring_attention(t(q), t(k), t(v), qkv_format=f,
                                                              **shared),
