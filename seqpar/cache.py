@@ -7,6 +7,7 @@ from . import comms
 from ._interop import accepts_dlpack
 from ._arrays import dtype_name, is_supported_dtype
 from ._typing import Array, Comm, Output
+from .strategies._prepare import accepts_qkv_format, check_qkv_format
 from .strategies.kv_sharded import kv_sharded_attention
 from .validation import agree
 
@@ -94,7 +95,9 @@ class ShardedKVCache:
         return self._local
 
     @accepts_dlpack("k", "v", "counts")
-    def append(self, k: Array, v: Array, counts: Array | None = None) -> None:
+    @accepts_qkv_format("k", "v")
+    def append(self, k: Array, v: Array, counts: Array | None = None, *,
+               qkv_format: str = "bshd") -> None:
         """Append new tokens' keys and values, the same on every rank (collective).
 
         Parameters
@@ -104,6 +107,9 @@ class ShardedKVCache:
         counts : int array of shape (batch,), optional
             How many of the n tokens are real for each row (the rest are ignored);
             by default all n.
+        qkv_format : {"bshd", "bhsd"}
+            The order of the axes of k and v: as above, or (batch, kv_heads, n,
+            head_dim), PyTorch's (read as views), the same on every rank.
 
         Raises
         ------
@@ -113,6 +119,7 @@ class ShardedKVCache:
         batch, _, kv_heads, head_dim = self.k.shape
         with comms.call(self.comm, "ShardedKVCache.append", self.tag) as context:
             def check():
+                check_qkv_format(qkv_format)
                 for name, x in (("k", k), ("v", v)):
                     if getattr(x, "ndim", None) != 4 or x.shape[0] != batch or \
                             x.shape[2:] != (kv_heads, head_dim):
@@ -132,10 +139,10 @@ class ShardedKVCache:
                     raise ValueError(f"the cache is full: appending {new.tolist()} tokens to "
                                      f"rows holding {self._lengths.tolist()} exceeds the "
                                      f"capacity of {self.capacity}")
-                return {"shape": k.shape, "counts": new.tolist()}
+                return {"shape": k.shape, "counts": new.tolist(), "qkv_format": qkv_format}
 
             new = np.asarray(agree(context.comm, "ShardedKVCache.append", check,
-                                   ("shape", "counts")).settings["counts"])
+                                   ("qkv_format", "shape", "counts")).settings["counts"])
         size, rank = self._size, self._rank
         local = self._local_counts(self._lengths)
         for b in range(batch):
@@ -152,22 +159,29 @@ class ShardedKVCache:
 
     @accepts_dlpack("q")
     def attend(self, q: Array, *, softmax_scale: float | None = None, return_lse: bool = False,
-               transport: str = "auto") -> Output:
+               transport: str = "auto", qkv_format: str = "bshd") -> Output:
         """Attention of ``q`` (the same on every rank) over every cached token.
 
         Parameters
         ----------
         q : array of shape (batch, Sq, heads, head_dim), heads a multiple of kv_heads
         softmax_scale, return_lse, transport : as for :func:`seqpar.kv_sharded_attention`
+        qkv_format : {"bshd", "bhsd"}
+            The order of the axes of q and out: as above, or (batch, heads, Sq,
+            head_dim), PyTorch's (q read as a view, out returned as one).
 
         Returns
         -------
         out (and lse) as :func:`seqpar.kv_sharded_attention` returns them, the same on
         every rank.
         """
-        return kv_sharded_attention(q, self.k, self.v, comm=self.comm, tag=self.tag,
+        k, v = self.k, self.v
+        if qkv_format == "bhsd":  # views the call swaps back: the slots as they are
+            k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        return kv_sharded_attention(q, k, v, comm=self.comm, tag=self.tag,
                                     softmax_scale=softmax_scale, return_lse=return_lse,
-                                    transport=transport, key_lengths=self._local)
+                                    transport=transport, key_lengths=self._local,
+                                    qkv_format=qkv_format)
 
     def _local_counts(self, lengths) -> np.ndarray:
         """Tokens of each row on this rank: those t < length with t mod P == rank."""

@@ -259,19 +259,41 @@ def _gather_text(comm: MPI.Comm, text: str) -> list[str]:
             .decode(errors="replace") for r in range(comm.size)]
 
 
-ATTENTION_SETTINGS = ("array type", "dtype", "batch", "heads of q", "heads of k/v",
+# qkv_format first: when it differs, the shapes read through it differ too, and it is the cause
+ATTENTION_SETTINGS = ("qkv_format", "array type", "dtype", "batch", "heads of q", "heads of k/v",
                       "head_dim", "causal", "softmax_scale", "layout", "transport",
                       "window", "seqlens", "check_finite", "captured in a CUDA graph")
 
 
 def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
                            layout="contiguous", transport=None, comm=None, window=None,
-                           seqlens=None, check_finite=False) -> dict:
+                           seqlens=None, check_finite=False, qkv_format="bshd") -> dict:
     """Local checks of attention arguments; returns the settings ranks must share.
 
-    ``transport`` (with the ``comm`` it runs on) is checked where given.
+    ``transport`` (with the ``comm`` it runs on) is checked where given. q, k, v are
+    (B, S, H, D) here whatever ``qkv_format`` the caller named (a "bhsd" caller's
+    arrays arrive as views with those axes swapped: :func:`seqpar.strategies._prepare.
+    accepts_qkv_format`); the format itself is checked here, with the other arguments.
     Raises TypeError or ValueError that names the argument at fault.
     """
+    from .strategies._prepare import check_qkv_format
+
+    check_qkv_format(qkv_format)
+    try:
+        settings = _check_arrays(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                 layout=layout, transport=transport, comm=comm, window=window,
+                                 seqlens=seqlens, check_finite=check_finite)
+    except ValueError as exc:
+        if qkv_format == "bshd":
+            raise
+        raise ValueError(f"{exc} (qkv_format={qkv_format!r}: shapes shown as (batch, seq, "
+                         "heads, head_dim), the inputs' heads and seq axes swapped)") from None
+    settings["qkv_format"] = qkv_format
+    return settings
+
+
+def _check_arrays(q, k, v, *, causal, softmax_scale, layout, transport, comm, window,
+                  seqlens, check_finite) -> dict:
     from ._arrays import array_module, dtype_name, is_supported_dtype
     from ._interop import raise_unconvertible
     from .graphs import capturing
@@ -346,6 +368,13 @@ def check_attention_inputs(q, k, v, *, causal=False, softmax_scale=None,
             "q length": q.shape[-3], "k length": k.shape[-3]}
 
 
+def _as_given(shape, transposed: bool) -> tuple:
+    """A (B, S, H, D) shape as the caller gave it: (B, H, S, D) for qkv_format="bhsd"."""
+    if not transposed or len(shape) < 3:
+        return tuple(shape)
+    return tuple(shape[:-3]) + (shape[-2], shape[-3], shape[-1])
+
+
 def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
     """Local checks of a backward call's arguments: those of the forward
     (:func:`check_attention_inputs`), then ``dout`` and ``out`` like q and ``lse`` of
@@ -354,12 +383,14 @@ def check_backward_inputs(dout, q, k, v, out, lse, **options) -> dict:
 
     raise_unconvertible(dout, out, lse)
     settings = check_attention_inputs(q, k, v, **options)
+    transposed = settings["qkv_format"] != "bshd"
     for name, x in (("dout", dout), ("out", out)):
         if type(x) is not type(q):
             raise TypeError(f"{name} is a {type(x).__module__}.{type(x).__name__} but q is a "
                             f"{type(q).__module__}.{type(q).__name__}")
         if x.shape != q.shape:
-            raise ValueError(f"{name} must have q's shape {q.shape}, got {x.shape}")
+            raise ValueError(f"{name} must have q's shape {_as_given(q.shape, transposed)}, "
+                             f"got {_as_given(x.shape, transposed)}")
         if x.dtype.name != q.dtype.name:
             raise TypeError(f"{name} has dtype {x.dtype.name} but q has {q.dtype.name}")
     if type(lse) is not type(q):

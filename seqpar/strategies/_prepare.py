@@ -1,6 +1,9 @@
-"""What every strategy does around its work: local checks, 3-D input, scale, output."""
+"""What every strategy does around its work: local checks, 3-D input, the layout of
+the axes (``qkv_format``), scale, output."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -13,7 +16,72 @@ from ..local import kernel_for
 from ..merge import carried_lse, new_carry
 
 __all__ = ["Prepared", "prepare", "check_finite_arrays", "check_key_lengths",
-           "public_lse_dtype", "check_sequence_inputs"]
+           "public_lse_dtype", "check_sequence_inputs", "QKV_FORMATS", "accepts_qkv_format",
+           "check_qkv_format", "heads_axis"]
+
+# the order of the axes of q, k, v (and out, dout, dq, dk, dv), TransformerEngine's names:
+# (batch, seq, heads, head_dim) is what the strategies compute on; (batch, heads, seq,
+# head_dim) is PyTorch's (SDPA, transformers), read as a transposed view of the same memory
+QKV_FORMATS = ("bshd", "bhsd")
+
+
+def accepts_qkv_format(*names: str, returns: str = "out"):
+    """Decorate a public function with a ``qkv_format`` keyword (which it must take).
+
+    With ``qkv_format="bhsd"`` the arrays ``names`` come in as (B, H, S, D) (3-D: (H, S,
+    D)) and are passed on as their (B, S, H, D) views (axes -3 and -2 swapped: no copy);
+    what comes back is swapped back the same way: ``returns="out"`` the output (the
+    first of a tuple; lse keeps its (B, H, S) shape), ``returns="gradients"`` each of
+    dq, dk, dv. The function still gets ``qkv_format`` and checks it with its arguments
+    (:func:`seqpar.validation.check_attention_inputs`): any other value is passed on
+    untouched and raises there, on every rank, and the setting joins those the ranks
+    agree on.
+    """
+    def decorate(function):
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if not _transposed(kwargs.get("qkv_format")):
+                return function(*args, **kwargs)  # bshd, or a bad value the check raises
+            bound = signature.bind(*args, **kwargs)
+            for name in names:
+                bound.arguments[name] = _swap(bound.arguments.get(name))
+            result = function(*bound.args, **bound.kwargs)
+            if returns == "gradients":
+                return tuple(_swap(g) for g in result)
+            if isinstance(result, tuple):
+                return (_swap(result[0]),) + result[1:]
+            return _swap(result)
+
+        return wrapper
+
+    return decorate
+
+
+def check_qkv_format(qkv_format) -> str:
+    """ValueError naming ``qkv_format`` unless it is one of :data:`QKV_FORMATS`."""
+    if not (isinstance(qkv_format, str) and qkv_format in QKV_FORMATS):
+        raise ValueError(f"qkv_format must be one of {QKV_FORMATS}, got {qkv_format!r}")
+    return qkv_format
+
+
+def _transposed(qkv_format) -> bool:
+    return isinstance(qkv_format, str) and qkv_format == "bhsd"
+
+
+def _swap(x):
+    """(B, H, S, D) <-> (B, S, H, D) as a view; anything else as it is (the argument
+    check names what is wrong with it)."""
+    if getattr(x, "ndim", None) in (3, 4) and hasattr(x, "swapaxes"):
+        return x.swapaxes(-3, -2)
+    return x
+
+
+def heads_axis(qkv_format) -> int:
+    """The axis of the heads in arrays of ``qkv_format`` (of a bad value: bshd's, the
+    check raises later)."""
+    return -3 if _transposed(qkv_format) else -2
 
 
 @dataclass(frozen=True)

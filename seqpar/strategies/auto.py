@@ -6,6 +6,7 @@ from .._interop import accepts_dlpack, raise_unconvertible
 from .._typing import Array, Comm, Output
 from ..comms import resolve_comm
 from ..validation import report_failure
+from ._prepare import check_qkv_format, heads_axis
 from .hybrid import hybrid_attention
 from .kv_sharded import kv_sharded_attention
 from .ring import ring_attention
@@ -77,7 +78,7 @@ def choose_strategy(ranks: int, heads: int, kv_heads: int, *, queries: str = "sh
 def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
                                 strategy: str = "auto", queries: str = "sharded",
                                 ulysses_size: int | None = None, stats: dict | None = None,
-                                **options) -> Output:
+                                qkv_format: str = "bshd", **options) -> Output:
     """Attention over a sequence split across ranks, by the strategy that suits it.
 
     Parameters
@@ -93,6 +94,10 @@ def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | No
         The group size for ``strategy="hybrid"`` (chosen by the rule for "auto").
     stats : dict, optional
         Filled with "strategy" and "ulysses_size".
+    qkv_format : {"bshd", "bhsd"}
+        The order of the axes of q, k, v and out: (B, S, H, D), or (B, H, S, D),
+        PyTorch's (see :func:`seqpar.ring_attention`); the heads the choice counts
+        are read from the axis it names.
     **options
         Keywords of the chosen strategy (causal, softmax_scale, layout, return_lse,
         transport, window, seqlens, check_finite, ...).
@@ -102,7 +107,8 @@ def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | No
     out : array of q's type, shape and dtype; (out, lse) when ``return_lse``.
     """
     try:
-        chosen, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, options)
+        chosen, ulysses_size = _pick(comm, q, k, strategy, queries, ulysses_size, qkv_format,
+                                     options)
     except Exception as exc:  # noqa: BLE001 - every rank raises, not this one alone
         # the other ranks are in their strategy's agreement: report there, so they raise
         # the same error (a choice that differs between ranks is caught there as well)
@@ -111,19 +117,23 @@ def sequence_parallel_attention(q: Array, k: Array, v: Array, *, comm: Comm | No
     if stats is not None:
         stats.update(strategy=chosen, ulysses_size=ulysses_size)
     # what the choice rests on, compared across ranks before the strategy's own settings
-    reasons = {"strategy": strategy, "queries": queries,
-               "heads of q and k/v": (q.shape[-2], k.shape[-2]),
+    reasons = {"qkv_format": qkv_format, "strategy": strategy, "queries": queries,
+               "heads of q and k/v": (q.shape[heads_axis(qkv_format)],
+                                      k.shape[heads_axis(qkv_format)]),
                "window": options.get("window"), "chosen strategy": (chosen, ulysses_size)}
     with comms.dispatching("sequence_parallel_attention", reasons):
         if chosen == "hybrid":
-            return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm, **options)
+            return hybrid_attention(q, k, v, ulysses_size=ulysses_size, comm=comm,
+                                    qkv_format=qkv_format, **options)
         call = {"ring": ring_attention, "ulysses": ulysses_attention,
                 "kv_sharded": kv_sharded_attention}[chosen]
-        return call(q, k, v, comm=comm, **options)
+        return call(q, k, v, comm=comm, qkv_format=qkv_format, **options)
 
 
-def _pick(comm, q, k, strategy, queries, ulysses_size, options) -> tuple[str, int]:
+def _pick(comm, q, k, strategy, queries, ulysses_size, qkv_format,
+          options) -> tuple[str, int]:
     """The strategy and its Ulysses group size, from this rank's arguments."""
+    check_qkv_format(qkv_format)  # before the choice it orders the axes of
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     raise_unconvertible(q, k)
@@ -133,7 +143,8 @@ def _pick(comm, q, k, strategy, queries, ulysses_size, options) -> tuple[str, in
             if getattr(x, "ndim", None) not in (3, 4):
                 raise TypeError(f"{name} must be an array of 3 or 4 dimensions (seq, heads, "
                                 f"head_dim) or (batch, seq, heads, head_dim), got {x!r:.80}")
-        strategy, chosen = choose_strategy(size, q.shape[-2], k.shape[-2], queries=queries,
+        axis = heads_axis(qkv_format)
+        strategy, chosen = choose_strategy(size, q.shape[axis], k.shape[axis], queries=queries,
                                            window=options.get("window"))
         ulysses_size = chosen if strategy == "hybrid" else ulysses_size
     if strategy == "hybrid" and ulysses_size is None:

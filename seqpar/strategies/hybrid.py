@@ -11,7 +11,7 @@ from ..masks import Mask
 from ..merge import carried_lse
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
-from ._prepare import check_sequence_inputs, prepare
+from ._prepare import accepts_qkv_format, check_sequence_inputs, prepare
 from .ring import _Ring
 from .ulysses import _rows_to_sequence_shards, _to_head_shards, _to_sequence_shards
 
@@ -19,11 +19,12 @@ __all__ = ["hybrid_attention", "groups_of"]
 
 
 @accepts_dlpack("q", "k", "v")
+@accepts_qkv_format("q", "k", "v")
 def hybrid_attention(q: Array, k: Array, v: Array, *, ulysses_size: int, comm: Comm | None = None,
                      causal: bool = False, softmax_scale: float | None = None,
                      layout: str = "contiguous", return_lse: bool = False, transport: str = "auto",
                      window: Window = None, seqlens: Seqlens = None, check_finite: bool = False,
-                     tag: int | None = None) -> Output:
+                     tag: int | None = None, qkv_format: str = "bshd") -> Output:
     """Exact attention with the communicator split into U x P/U ranks.
 
     Ranks r with the same r // U form a Ulysses group: an all-to-all inside it turns
@@ -41,7 +42,7 @@ def hybrid_attention(q: Array, k: Array, v: Array, *, ulysses_size: int, comm: C
         U: ranks per Ulysses group; it must divide the number of ranks, and the
         heads of q and of k/v.
     comm, causal, softmax_scale, layout, return_lse : as for :func:`seqpar.ring_attention`.
-    transport, window, seqlens, check_finite, tag : as for :func:`seqpar.ring_attention`.
+    transport, window, seqlens, check_finite, tag, qkv_format : as for :func:`seqpar.ring_attention`.
 
     Returns
     -------
@@ -60,7 +61,8 @@ def hybrid_attention(q: Array, k: Array, v: Array, *, ulysses_size: int, comm: C
                                              heads_divisor=int(ulysses_size), same_length=True,
                                              causal=causal, softmax_scale=softmax_scale,
                                              transport=transport, comm=context, window=window,
-                                             seqlens=seqlens, check_finite=check_finite)
+                                             seqlens=seqlens, check_finite=check_finite,
+                                             qkv_format=qkv_format)
             settings["ulysses_size"] = int(ulysses_size)
             return settings
 

@@ -9,7 +9,7 @@ from .._typing import Array, Comm, Gradients, Output
 from ..merge import CARRY_DTYPE, carry_parts
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
-from ._prepare import check_finite_arrays, check_key_lengths, prepare
+from ._prepare import accepts_qkv_format, check_finite_arrays, check_key_lengths, prepare
 
 __all__ = ["kv_sharded_attention", "kv_sharded_attention_backward"]
 
@@ -20,10 +20,12 @@ _AGREE = tuple(name for name in ATTENTION_SETTINGS
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
+@accepts_qkv_format("q", "k", "v")
 def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
                          softmax_scale: float | None = None, return_lse: bool = False,
                          transport: str = "auto", key_lengths: Array | None = None,
-                         check_finite: bool = False, tag: int | None = None) -> Output:
+                         check_finite: bool = False, tag: int | None = None,
+                         qkv_format: str = "bshd") -> Output:
     """Attention of the same queries on every rank over K/V split across the ranks.
 
     The shape of decoding: each rank attends its queries to its own K/V slice,
@@ -55,6 +57,8 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
         keys at index >= key_lengths[b] are ignored; 0 allowed.
     check_finite : bool
         Raise ValueError on every rank if any rank's q, k or v holds NaN or Inf.
+    qkv_format : {"bshd", "bhsd"}
+        The order of the axes of q, k, v and out (see :func:`seqpar.ring_attention`).
 
     Returns
     -------
@@ -67,7 +71,7 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
         def check():
             settings = check_attention_inputs(q, k, v, softmax_scale=softmax_scale,
                                               transport=transport, comm=context,
-                                              check_finite=check_finite)
+                                              check_finite=check_finite, qkv_format=qkv_format)
             p = prepare(q, k, v, softmax_scale)
             settings["key_lengths"] = check_key_lengths(key_lengths, p.q.shape[0],
                                                         p.k.shape[1], p.xp)
@@ -116,10 +120,12 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
+@accepts_qkv_format("dout", "q", "k", "v", "out", returns="gradients")
 def kv_sharded_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
                                   lse: Array, *, comm: Comm | None = None,
                                   softmax_scale: float | None = None, transport: str = "auto",
-                                  tag: int | None = None, deterministic: bool = True) -> Gradients:
+                                  tag: int | None = None, deterministic: bool = True,
+                                  qkv_format: str = "bshd") -> Gradients:
     """Gradients of :func:`kv_sharded_attention`.
 
     Each rank computes the gradients over its own K/V slice with the forward's
@@ -130,7 +136,8 @@ def kv_sharded_attention_backward(dout: Array, q: Array, k: Array, v: Array, out
     dout, q, out, lse : the same on every rank (as the forward returns them: out and
         lse, ``return_lse=True``, are identical on every rank)
     k, v : this rank's slice, as in the forward
-    comm, softmax_scale, transport, tag : as for the forward
+    comm, softmax_scale, transport, tag, qkv_format : as for the forward
+        (``qkv_format`` also orders the axes of dout, out and of the gradients)
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
@@ -145,7 +152,8 @@ def kv_sharded_attention_backward(dout: Array, q: Array, k: Array, v: Array, out
 
         def check():
             return check_backward_inputs(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
-                                         transport=transport, comm=context)
+                                         transport=transport, comm=context,
+                                         qkv_format=qkv_format)
 
         def acquire(settings):
             p = prepare(q, k, v, softmax_scale)

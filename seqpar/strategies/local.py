@@ -7,16 +7,22 @@ from .._interop import accepts_dlpack
 from .._typing import Array, Gradients, Output, Seqlens, Window
 from ..masks import Mask
 from ..validation import check_attention_inputs, check_backward_inputs
-from ._prepare import check_finite_arrays, check_key_lengths, prepare
+from ._prepare import (
+    accepts_qkv_format,
+    check_finite_arrays,
+    check_key_lengths,
+    prepare,
+)
 
 __all__ = ["attention", "attention_backward"]
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
+@accepts_qkv_format("q", "k", "v")
 def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
               softmax_scale: float | None = None, return_lse: bool = False, window: Window = None,
               seqlens: Seqlens = None, key_lengths: Array | None = None, q_offset: int = 0,
-              check_finite: bool = False) -> Output:
+              check_finite: bool = False, qkv_format: str = "bshd") -> Output:
     """Exact softmax attention on this process's device, fused and tiled.
 
     Parameters
@@ -45,6 +51,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
         ``causal``, the position of the new tokens, e.g. ``cache_length - Sq``.
     check_finite : bool
         Raise ValueError if q, k or v holds NaN or Inf (one pass over the inputs).
+    qkv_format : {"bshd", "bhsd"}
+        The order of the axes of q, k, v and out: "bshd" as above, or "bhsd", (B, H,
+        S, D) ((H, S, D) for 3-D input), PyTorch's. "bhsd" arrays are read as views
+        (no copy) and out comes back as a (B, H, S, D) view; lse keeps its shape.
 
     Returns
     -------
@@ -53,7 +63,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
         Only when ``return_lse``. A row with no visible key has out 0 and lse -inf.
     """
     settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                      window=window, seqlens=seqlens, check_finite=check_finite)
+                                      window=window, seqlens=seqlens, check_finite=check_finite,
+                                      qkv_format=qkv_format)
     _check_positions(settings, q_offset)
     p = prepare(q, k, v, softmax_scale)
     lengths = check_key_lengths(key_lengths, p.q.shape[0], p.k.shape[1], p.xp)
@@ -66,10 +77,11 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
+@accepts_qkv_format("dout", "q", "k", "v", "out", returns="gradients")
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
                        causal: bool = False, softmax_scale: float | None = None,
                        window: Window = None, seqlens: Seqlens = None, q_offset: int = 0,
-                       deterministic: bool = True) -> Gradients:
+                       deterministic: bool = True, qkv_format: str = "bshd") -> Gradients:
     """Gradients of :func:`attention` with respect to q, k and v.
 
     Parameters
@@ -83,6 +95,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
+    qkv_format : {"bshd", "bhsd"}
+        As for the forward: the order of the axes of dout, q, k, v, out and of the
+        gradients returned (lse is (B, Hq, Sq) either way).
 
     Returns
     -------
@@ -92,7 +107,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     """
     settings = check_backward_inputs(dout, q, k, v, out, lse, causal=causal,
                                      softmax_scale=softmax_scale, window=window,
-                                     seqlens=seqlens)
+                                     seqlens=seqlens, qkv_format=qkv_format)
     _check_positions(settings, q_offset)
     p = prepare(q, k, v, softmax_scale)
     dout, out, lse = p.extras(dout, out, lse)

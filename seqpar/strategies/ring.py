@@ -13,17 +13,19 @@ from ..masks import UNBOUNDED, Mask
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
 from ._plan import plan_blocks
-from ._prepare import check_sequence_inputs, prepare
+from ._prepare import accepts_qkv_format, check_sequence_inputs, prepare
 
 __all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
 
 
 @accepts_dlpack("q", "k", "v")
+@accepts_qkv_format("q", "k", "v")
 def ring_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None, causal: bool = False,
                    softmax_scale: float | None = None, layout: str = "contiguous",
                    return_lse: bool = False, transport: str = "auto",
                    stats: dict | None = None, window: Window = None, seqlens: Seqlens = None,
-                   check_finite: bool = False, tag: int | None = None) -> Output:
+                   check_finite: bool = False, tag: int | None = None,
+                   qkv_format: str = "bshd") -> Output:
     """Exact attention over a sequence split across the ranks of ``comm``.
 
     Each rank holds its slice of Q, K and V (see :func:`seqpar.shard` and
@@ -77,6 +79,11 @@ def ring_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None, ca
         only keys of its own document.
     check_finite : bool
         Raise ValueError on every rank if any rank's q, k or v holds NaN or Inf.
+    qkv_format : {"bshd", "bhsd"}
+        The order of the axes of q, k, v and out, the same on every rank: "bshd" as
+        above, or "bhsd", (B, H, S, D) ((H, S, D) for 3-D input), PyTorch's. "bhsd"
+        arrays are read as views (no copy) and out comes back as a (B, H, S, D)
+        view; lse is (B, Hq, S) either way.
 
     Returns
     -------
@@ -93,7 +100,8 @@ def ring_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None, ca
             return p.xp.zeros(p.q.shape, dtype=p.accumulator), p.new_lse(p.q.shape[1])
 
         ring = _Ring.agreed(context, "ring_attention", (q, k, v), softmax_scale, layout, causal,
-                            window, seqlens, transport, check_finite, acquire)
+                            window, seqlens, transport, check_finite, acquire,
+                            qkv_format=qkv_format)
         p, (out, lse) = ring.p, ring.resources
 
         def attend(kv, source, _, keys):
@@ -114,12 +122,14 @@ def ring_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None, ca
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
+@accepts_qkv_format("dout", "q", "k", "v", "out", returns="gradients")
 def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
                             comm: Comm | None = None, causal: bool = False,
                             softmax_scale: float | None = None, layout: str = "contiguous",
                             transport: str = "auto", window: Window = None,
                             seqlens: Seqlens = None, stats: dict | None = None,
-                            tag: int | None = None, deterministic: bool = True) -> Gradients:
+                            tag: int | None = None, deterministic: bool = True,
+                            qkv_format: str = "bshd") -> Gradients:
     """Gradients of :func:`ring_attention` for this rank's slices of q, k and v.
 
     K/V travel as in the forward; the gradient of each block's keys and values
@@ -136,8 +146,9 @@ def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Arra
     q, k, v : this rank's forward inputs (any memory layout; never written)
     out, lse : this rank's forward output and log-sum-exp (``return_lse=True``:
         (B, Hq, S), float32 or float64).
-    comm, causal, softmax_scale, layout, transport, window, seqlens, tag :
-        as for the forward, and the same on every rank.
+    comm, causal, softmax_scale, layout, transport, window, seqlens, tag, qkv_format :
+        as for the forward, and the same on every rank (``qkv_format`` also orders
+        the axes of dout, out and of the gradients returned).
     stats : dict, optional
         Filled like the forward's, for the K/V exchange, plus "gradient_bytes_sent".
     deterministic : bool
@@ -159,7 +170,7 @@ def ring_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Arra
 
         ring = _Ring.agreed(context, "ring_attention_backward", (q, k, v), softmax_scale,
                             layout, causal, window, seqlens, transport, False, acquire,
-                            extra_inputs=(dout, out, lse))
+                            extra_inputs=(dout, out, lse), qkv_format=qkv_format)
         p = ring.p
         grad, lse4, delta, dq, dkv = ring.resources
         parts, home = ring.gradient_buffers
@@ -193,7 +204,8 @@ class _Ring:
 
     @classmethod
     def agreed(cls, context, function, qkv, softmax_scale, layout, causal, window, seqlens,
-               transport, check_finite, acquire, extra_inputs=None) -> "_Ring":
+               transport, check_finite, acquire, extra_inputs=None,
+               qkv_format="bshd") -> "_Ring":
         """Check the arguments and acquire everything with every rank, for q, k, v laid
         out by ``layout``; ``acquire(p, own)`` allocates the caller's outputs."""
         q, k, v = qkv
@@ -204,7 +216,7 @@ class _Ring:
             return check_sequence_inputs(qkv, extra_inputs, layout=layout, causal=causal,
                                          softmax_scale=softmax_scale, transport=transport,
                                          comm=context, window=window, seqlens=seqlens,
-                                         check_finite=check_finite)
+                                         check_finite=check_finite, qkv_format=qkv_format)
 
         def acquire_all(settings):
             p = prepare(q, k, v, softmax_scale)

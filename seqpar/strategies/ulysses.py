@@ -13,17 +13,19 @@ from ..merge import carried_lse
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
 from ._plan import plan_blocks
-from ._prepare import check_sequence_inputs, prepare
+from ._prepare import accepts_qkv_format, check_sequence_inputs, prepare
 
 __all__ = ["ulysses_attention", "ulysses_attention_backward"]
 
 
 @accepts_dlpack("q", "k", "v")
+@accepts_qkv_format("q", "k", "v")
 def ulysses_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
                       causal: bool = False, softmax_scale: float | None = None,
                       layout: str = "contiguous", return_lse: bool = False,
                       transport: str = "auto", window: Window = None, seqlens: Seqlens = None,
-                      check_finite: bool = False, tag: int | None = None) -> Output:
+                      check_finite: bool = False, tag: int | None = None,
+                      qkv_format: str = "bshd") -> Output:
     """Exact attention by head parallelism: every head still sees every token.
 
     An all-to-all turns "S/P tokens, all heads" into "all tokens, H/P heads" on each
@@ -58,6 +60,8 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
         :func:`seqpar.ring_attention`).
     check_finite : bool
         Raise ValueError on every rank if any rank's q, k or v holds NaN or Inf.
+    qkv_format : {"bshd", "bhsd"}
+        The order of the axes of q, k, v and out (see :func:`seqpar.ring_attention`).
 
     Returns
     -------
@@ -65,7 +69,8 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
     """
     with comms.call(comm, "ulysses_attention", tag) as context:
         call = _UlyssesCall(context, "ulysses_attention", (q, k, v), None, softmax_scale,
-                            layout, causal, window, seqlens, transport, check_finite)
+                            layout, causal, window, seqlens, transport, check_finite,
+                            qkv_format)
         p, mover, lengths = call.p, call.mover, call.lengths
         xp = p.xp
         with comms.communicating():
@@ -90,12 +95,13 @@ def ulysses_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = None,
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
+@accepts_qkv_format("dout", "q", "k", "v", "out", returns="gradients")
 def ulysses_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array,
                                *, comm: Comm | None = None, causal: bool = False,
                                softmax_scale: float | None = None, layout: str = "contiguous",
                                transport: str = "auto", window: Window = None,
                                seqlens: Seqlens = None, tag: int | None = None,
-                               deterministic: bool = True) -> Gradients:
+                               deterministic: bool = True, qkv_format: str = "bshd") -> Gradients:
     """Gradients of :func:`ulysses_attention` for this rank's slices of q, k and v.
 
     The forward's all-to-alls, mirrored: q, k, v, dout and the per-row lse and
@@ -108,8 +114,9 @@ def ulysses_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: A
         Gradient of the loss with respect to this rank's forward output.
     q, k, v : this rank's forward inputs (any memory layout; never written)
     out, lse : this rank's forward output and log-sum-exp (``return_lse=True``).
-    comm, causal, softmax_scale, layout, transport, window, seqlens, tag : as for
-        the forward.
+    comm, causal, softmax_scale, layout, transport, window, seqlens, tag, qkv_format :
+        as for the forward (``qkv_format`` also orders the axes of dout, out and of
+        the gradients returned).
     deterministic : bool
         True (the default): the same bytes on every run. False lets the Hopper
         backward add dq in any order (faster; rounding then varies run to run).
@@ -120,7 +127,8 @@ def ulysses_attention_backward(dout: Array, q: Array, k: Array, v: Array, out: A
     """
     with comms.call(comm, "ulysses_attention_backward", tag) as context:
         call = _UlyssesCall(context, "ulysses_attention_backward", (q, k, v), (dout, out, lse),
-                            softmax_scale, layout, causal, window, seqlens, transport, False)
+                            softmax_scale, layout, causal, window, seqlens, transport, False,
+                            qkv_format)
         p, mover, lengths = call.p, call.mover, call.lengths
         xp, acc = p.xp, p.accumulator
         grad, out4, lse4 = p.extras(dout, out, lse)
@@ -150,7 +158,7 @@ class _UlyssesCall:
     """Checks and agreement of one Ulysses call (either direction), and its plan."""
 
     def __init__(self, context, function, qkv, extra_inputs, softmax_scale, layout, causal,
-                 window, seqlens, transport, check_finite):
+                 window, seqlens, transport, check_finite, qkv_format):
         q, k, v = qkv
         comm = context.comm
         size = comm.size
@@ -160,7 +168,7 @@ class _UlyssesCall:
                                          same_length=True, causal=causal,
                                          softmax_scale=softmax_scale, transport=transport,
                                          comm=context, window=window, seqlens=seqlens,
-                                         check_finite=check_finite)
+                                         check_finite=check_finite, qkv_format=qkv_format)
 
         def extra_bytes(_):
             # what the all-to-alls and the local pass allocate after the agreement: head
