@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,18 @@ def test_configs_fit_the_chip(d):
     text = (KERNELS / "sm90.cuh").read_text()
     for n in (cfg.bn, d):
         assert f"struct Wgmma<{n}, true>" in text
+
+
+@pytest.mark.parametrize("module", sorted(
+    p.stem for p in (Path(__file__).resolve().parents[1] / "seqpar" / "local").glob("*.py")))
+def test_local_modules_import_alone(module):
+    """Each module of seqpar/local imports first in a fresh interpreter: no circle
+    between them that only a lucky import order hides (no GPU needed to import)."""
+    name = "seqpar.local" if module == "__init__" else f"seqpar.local.{module}"
+    # a plain process, not a rank of this job: MPI stays uninitialised
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PMI_"))}
+    env["MPI4PY_RC_INITIALIZE"] = "false"
+    done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True,
+                          text=True, timeout=120, check=False, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr

@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from ..graphs import device_constant
-from .cupy_kernel import (BACKWARD_KERNELS, _capability, _cupy, _element_strides, _kind,
+from ._launch import (BACKWARD_KERNELS, _capability, _cupy, _element_strides, _kind,
                           _mask_args, _readable, _tma_readable, choose_kernel, source)
 
 __all__ = ["backward"]

@@ -9,22 +9,21 @@ Kernels are compiled once per process and device (NVRTC through
 ``cupy.RawModule``; CuPy also keeps the binary in its on-disk kernel cache, so a
 later process skips the compiler) and launched on the current CuPy stream with no
 synchronisation. The sources include shared headers (``kernels/*.cuh``); they are
-inlined here before compiling, so CuPy's cache key covers every line. Which
-kernel runs for a call is decided in one place, :func:`choose_kernel`, from the
-table ``KERNELS``.
+inlined before compiling, so CuPy's cache key covers every line. Which kernel runs
+for a call is decided in one place, :func:`choose_kernel`, from the table ``KERNELS``
+(both in ``seqpar/local/_launch.py``, shared with the backward).
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
-import re
-from pathlib import Path
 
 import numpy as np
 
-from ..graphs import device_constant, keep_for_graph
-from ..masks import UNBOUNDED
+from ._launch import (_DECODE_MAX_ROWS, BACKWARD_KERNELS, KERNELS, SUPPORTED_HEAD_DIMS,
+                      _capability, _cupy, _element_strides, _kind, _mask_args, _readable,
+                      _tma_readable, choose_kernel, source)
+from .cupy_backward import backward
 
 # GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
 SPLIT_CARRY = False
@@ -32,28 +31,6 @@ SPLIT_CARRY = False
 __all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
-
-# The choice of kernel, first match wins: (name, dtypes, head dims, minimum compute
-# capability, condition on the call). SEQPAR_KERNEL=<name> forces one where it applies.
-KERNELS = (
-    # few query rows per K/V head (query tokens x heads sharing it): split over keys
-    ("decode", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "rows <= 64"),
-    # Hopper: wgmma, TMA, warp-specialised (seqpar/local/cupy_sm90.py)
-    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
-    ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
-    ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
-)
-_DECODE_MAX_ROWS = 64
-
-# The same for the backward (seqpar/local/cupy_backward.py).
-BACKWARD_KERNELS = (
-    # Hopper: one fused wgmma/TMA kernel (seqpar/local/cupy_sm90_backward.py)
-    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
-    # FlashAttention-2's scheme on mma.sync: dK/dV and dQ passes
-    ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
-    ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
-)
 
 # head_dim -> (warps per block, 16-row atoms per warp, key tile, cp.async
 # stages, min blocks per SM, Q held in registers) for the fp16/bf16 kernel.
@@ -66,74 +43,6 @@ _MMA_CONFIG = {
 }
 _F32_ROWS, _F32_KEYS, _F32_THREADS = 16, 32, 128
 _MAX_GRID_Y = 65535
-_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.MULTILINE)
-
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        raise ImportError(
-            'seqpar.local.cupy_kernel needs cupy (pip install "seqpar[cuda12]" or '
-            '"seqpar[cuda13]")'
-        ) from exc
-    return cupy
-
-
-def _read(name: str) -> str:
-    """A kernel source file: package data when installed, else ../../kernels/."""
-    try:
-        from importlib.resources import files
-
-        return files("seqpar.kernels").joinpath(name).read_text()
-    except (ImportError, FileNotFoundError, OSError, TypeError):
-        return (Path(__file__).resolve().parents[2] / "kernels" / name).read_text()
-
-
-@functools.lru_cache(maxsize=None)
-def source(name: str) -> str:
-    """``name`` with its ``#include "x.cuh"`` lines replaced by the headers, each once."""
-    seen: set[str] = set()
-
-    def expand(text: str) -> str:
-        def one(match):
-            header = match.group(1)
-            if header in seen:
-                return ""
-            seen.add(header)
-            return expand(_read(header))
-
-        return _INCLUDE.sub(one, text.replace("#pragma once\n", ""))
-
-    return expand(_read(name))
-
-
-def _dtype_name(dtype) -> str:
-    return getattr(dtype, "name", str(dtype))
-
-
-def choose_kernel(dtype, head_dim: int, capability: tuple[int, int], rows: int = 1 << 30,
-                  sm90_reads: bool = True, table=KERNELS) -> str:
-    """The name of the kernel ``table`` (``KERNELS`` or ``BACKWARD_KERNELS``) picks for a
-    call; ``rows`` is query tokens x query heads per K/V head, ``sm90_reads`` whether the
-    Hopper kernel can read the operands in place (its tensor maps need 16-byte aligned
-    strides). ``SEQPAR_KERNEL`` names a row to force; a name the table lacks is ignored."""
-    forced = os.environ.get("SEQPAR_KERNEL", "").strip()
-    if forced not in {row[0] for row in table}:
-        forced = ""
-    name = _dtype_name(dtype)
-    for kernel, dtypes, dims, minimum, condition in table:
-        if name in dtypes and head_dim in dims and tuple(capability) >= minimum:
-            fits = {"rows <= 64": rows <= _DECODE_MAX_ROWS,
-                    "sm90 can read the operands": sm90_reads and tuple(capability) == (9, 0),
-                    }.get(condition, True)
-            if (forced == kernel and (fits or kernel != "decode")) or (not forced and fits):
-                return kernel
-    if forced:
-        raise ValueError(f"SEQPAR_KERNEL={forced} does not apply to dtype {name}, "
-                         f"head_dim {head_dim}")
-    raise ValueError(f"no GPU kernel for dtype {name} with head_dim {head_dim} on compute "
-                     f"capability {capability[0]}.{capability[1]}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,63 +68,6 @@ def _kernel(kind, head_dim, device_id, masked):
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
     return fn, threads, rows, smem
-
-
-def _kind(dtype):
-    name = _dtype_name(dtype)
-    return {"float16": "f16", "bfloat16": "bf16", "float32": "f32"}.get(name)
-
-
-def _readable(x, name):
-    """``x`` itself when the kernel can read it in place (last axis contiguous, and for
-    16-bit types 16-byte aligned pointer and strides), else a C-contiguous copy of it
-    (the caller's array is never written either way)."""
-    item = x.itemsize
-    strides = x.strides
-    ok = all(s % item == 0 for s in strides) and (x.shape[-1] <= 1 or strides[-1] == item)
-    if ok and item == 2:
-        ok = x.data.ptr % 16 == 0 and all(s % 16 == 0 for s in strides[:-1])
-    return x if ok else x.copy()  # a fresh allocation: aligned and C-contiguous
-
-
-def _tma_readable(x) -> bool:
-    """Whether a TMA tensor map can describe x: 16-byte aligned pointer and strides,
-    none negative, the last axis contiguous."""
-    return (x.data.ptr % 16 == 0 and x.strides[-1] == x.itemsize
-            and all(s % 16 == 0 and s >= 0 for n, s in zip(x.shape[:-1], x.strides[:-1])
-                    if n > 1))
-
-
-def _element_strides(x):
-    return [s // x.itemsize for s in x.strides]
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_doc_starts(starts: tuple, device_id: int):
-    return device_constant(np.asarray(starts, dtype=np.int64), device_id)
-
-
-def doc_starts(starts: tuple, device_id: int):
-    """The document boundaries of a mask on the device, cached; a graph being captured
-    keeps the array it reads, whatever the cache evicts later."""
-    array = _cached_doc_starts(starts, device_id)
-    if _cupy().cuda.get_current_stream().is_capturing():
-        keep_for_graph(array)
-    return array
-
-
-def _mask_args(mask, q_offset, k_offset, device_id):
-    """(q_off, k_off, left, right, docs pointer, ndocs) for the kernels."""
-    i64 = np.int64
-    if mask is None:
-        return (i64(q_offset), i64(k_offset), i64(UNBOUNDED), i64(UNBOUNDED), np.uintp(0),
-                np.int32(0))
-    docs, ndocs = np.uintp(0), 0
-    if mask.doc_starts is not None:
-        docs = doc_starts(tuple(mask.doc_starts), device_id)
-        ndocs = len(mask.doc_starts) - 1
-    return (i64(q_offset), i64(k_offset), i64(mask.left), i64(mask.right), docs,
-            np.int32(ndocs))
 
 
 def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
@@ -409,19 +261,8 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
                  i64(ls[1]), i32(bool(accumulate))))
     return out, lse
 
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_id: int) -> tuple[int, int]:
-    """(major, minor) of a device (CuPy spells it "90")."""
-    text = str(_cupy().cuda.Device(device_id).compute_capability)
-    return int(text[:-1]), int(text[-1])
-
-
 def backward_delta(dout, out):
     """delta = rowsum(dout * out), shape (B, H, S), float32 (fp32 products and sums)."""
     cupy = _cupy()
     product = cupy.multiply(dout, out, dtype=np.float32)
     return cupy.ascontiguousarray(product.sum(axis=-1).transpose(0, 2, 1))
-
-
-from .cupy_backward import backward  # noqa: E402 - it builds on the helpers above

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cupy_kernel import doc_starts, source
+from ._launch import doc_starts, source
 
 __all__ = ["forward", "supports", "Config", "CONFIGS", "SUPPORTED_HEAD_DIMS"]
 

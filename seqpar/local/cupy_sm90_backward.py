@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .cupy_kernel import _cupy, _mask_args, source
+from ._launch import _cupy, _mask_args, source
 from .cupy_sm90 import _sm_count, launch, supports, tensor_map
 
 __all__ = ["backward", "supports", "SUPPORTED_HEAD_DIMS"]
