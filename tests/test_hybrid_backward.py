@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import (
+    PLAIN_FLOOR,
+    TOL,
+    plain_attention_backward,
+    raises_everywhere,
+    random_array,
+    random_qkv,
+)
+from reference import reference_attention_backward, relative_error
 
 import seqpar
 from seqpar.masks import Mask
-
-from conftest import (PLAIN_FLOOR, TOL, plain_attention_backward, raises_everywhere,
-                      random_array, random_qkv)
-from reference import reference_attention_backward, relative_error
 
 pytestmark = pytest.mark.mpi
 
@@ -69,7 +74,7 @@ def test_hybrid_backward(comm, rng, ulysses_size, layout, causal, group, dtype):
     _need(comm, ulysses_size)
     q, k, v, dout = _global(comm, rng, dtype, group=group)
     parts = [seqpar.shard(x, comm, layout=layout) for x in (q, k, v, dout)]
-    opts = dict(ulysses_size=ulysses_size, comm=comm, causal=causal, layout=layout)
+    opts = {"ulysses_size": ulysses_size, "comm": comm, "causal": causal, "layout": layout}
     out, lse = seqpar.hybrid_attention(*parts[:3], return_lse=True, **opts)
     grads = seqpar.hybrid_attention_backward(parts[3], *parts[:3], out, lse, **opts)
     check_gradients([seqpar.gather(g, comm, layout=layout) for g in grads], dout, q, k, v,
@@ -90,7 +95,7 @@ def test_hybrid_backward_with_masks_and_uneven_shards(comm, rng, ulysses_size, w
     dout = random_array(rng, q.shape, "float64")
     seqlens = [n // 2, n - n // 2] if docs else None
     parts = [seqpar.shard(x, comm, lengths=lengths) for x in (q, k, v, dout)]
-    masks = dict(causal=True, window=window, seqlens=seqlens)
+    masks = {"causal": True, "window": window, "seqlens": seqlens}
     opts = dict(masks, ulysses_size=ulysses_size, comm=comm)
     out, lse = seqpar.hybrid_attention(*parts[:3], return_lse=True, **opts)
     grads = seqpar.hybrid_attention_backward(parts[3], *parts[:3], out, lse, **opts)
@@ -103,7 +108,7 @@ def test_hybrid_backward_window_not_causal(comm, rng, ulysses_size):
     _need(comm, ulysses_size)
     q, k, v, dout = _global(comm, rng, "float32", group=2, per_rank=8)
     parts = [seqpar.shard(x, comm, layout="zigzag") for x in (q, k, v, dout)]
-    opts = dict(ulysses_size=ulysses_size, comm=comm, layout="zigzag", window=(5, 3))
+    opts = {"ulysses_size": ulysses_size, "comm": comm, "layout": "zigzag", "window": (5, 3)}
     out, lse = seqpar.hybrid_attention(*parts[:3], return_lse=True, **opts)
     grads = seqpar.hybrid_attention_backward(parts[3], *parts[:3], out, lse, **opts)
     check_gradients([seqpar.gather(g, comm, layout="zigzag") for g in grads], dout, q, k, v,
@@ -132,7 +137,7 @@ def test_hybrid_backward_any_layout_read_only_never_written(comm, rng, ulysses_s
     _need(comm, ulysses_size)
     q, k, v, dout = _global(comm, rng, "float32", group=2)
     parts = [seqpar.shard(x, comm) for x in (q, k, v, dout)]
-    opts = dict(ulysses_size=ulysses_size, comm=comm, causal=True)
+    opts = {"ulysses_size": ulysses_size, "comm": comm, "causal": True}
     out, lse = seqpar.hybrid_attention(*parts[:3], return_lse=True, **opts)
     base = seqpar.hybrid_attention_backward(parts[3], *parts[:3], out, lse, **opts)
     check_gradients([seqpar.gather(g, comm) for g in base], dout, q, k, v,
