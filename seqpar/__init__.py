@@ -5,15 +5,29 @@ from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
 from .strategies.auto import choose_strategy, sequence_parallel_attention
-from .strategies.hybrid import hybrid_attention
+from .strategies.hybrid import hybrid_attention, hybrid_attention_backward
 from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
 from .strategies.local import attention, attention_backward
 from .strategies.ring import ring_attention, ring_attention_backward
 from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 
-__all__ = ["attention", "ring_attention", "kv_sharded_attention", "ulysses_attention",
-           "attention_backward", "ring_attention_backward", "kv_sharded_attention_backward",
-           "ulysses_attention_backward", "hybrid_attention", "sequence_parallel_attention",
-           "choose_strategy",
-           "shard", "gather", "local_indices", "use_local_device", "ShardedKVCache"]
+__all__ = [
+    "ShardedKVCache",
+    "attention",
+    "attention_backward",
+    "choose_strategy",
+    "gather",
+    "hybrid_attention",
+    "hybrid_attention_backward",
+    "kv_sharded_attention",
+    "kv_sharded_attention_backward",
+    "local_indices",
+    "ring_attention",
+    "ring_attention_backward",
+    "sequence_parallel_attention",
+    "shard",
+    "ulysses_attention",
+    "ulysses_attention_backward",
+    "use_local_device",
+]
 __version__ = "0.1.0"

@@ -61,15 +61,17 @@ SWEEP = settings(max_examples=4, deadline=None, derandomize=True, database=None,
                  suppress_health_check=list(HealthCheck))
 
 SHARDED_FWD = ("ring", "ulysses", "hybrid", "auto")
-SHARDED_BWD = ("ring_backward", "ulysses_backward")
+SHARDED_BWD = ("ring_backward", "ulysses_backward", "hybrid_backward")
 REPLICATED_FWD = ("kv_sharded", "auto_replicated", "cache_attend")
 REPLICATED_BWD = ("kv_sharded_backward",)
 FUNCTIONS = SHARDED_FWD + SHARDED_BWD + REPLICATED_FWD + REPLICATED_BWD
-MASKED = ("ring", "ulysses", "hybrid", "auto", "ring_backward", "ulysses_backward")
+MASKED = ("ring", "ulysses", "hybrid", "auto", "ring_backward", "ulysses_backward",
+          "hybrid_backward")
 # the keyword arguments of each function that a perturbation may change
 KEYWORDS = {name: {"softmax_scale", "transport"} | (
     {"causal", "layout", "window", "seqlens"} if name in MASKED else set()) for name in FUNCTIONS}
 KEYWORDS["hybrid"] |= {"ulysses_size"}
+KEYWORDS["hybrid_backward"] |= {"ulysses_size"}
 KEYWORDS["auto"] |= {"strategy", "queries"}
 KEYWORDS["auto_replicated"] |= {"strategy", "queries"}
 
@@ -148,7 +150,7 @@ def make_problem(function, comm, seed, ulysses_size=1) -> Problem:
     mine = _slices(total, size)[rank]
     kmine = _slices(keys, size)[rank]
     kwargs = {"comm": comm}
-    if function == "hybrid":
+    if function in ("hybrid", "hybrid_backward"):
         kwargs["ulysses_size"] = ulysses_size
     if function in ("auto", "auto_replicated"):
         kwargs["strategy"] = "auto"
@@ -189,6 +191,7 @@ def call(problem: Problem, comm):
           "auto_replicated": seqpar.sequence_parallel_attention,
           "ring_backward": seqpar.ring_attention_backward,
           "ulysses_backward": seqpar.ulysses_attention_backward,
+          "hybrid_backward": seqpar.hybrid_attention_backward,
           "kv_sharded_backward": seqpar.kv_sharded_attention_backward}[f]
     return fn(*pos, **kw)
 
@@ -453,7 +456,7 @@ def sweep(comm, function, perturbation):
     with the last rank at fault. Nothing drawn depends on the rank."""
     if perturbation in NEEDS_TWO_RANKS and comm.size < 2:
         pytest.skip(f"{perturbation!r} differs across ranks: needs 2 ranks or more")
-    sizes = _divisors(comm.size) if function == "hybrid" else [1]
+    sizes = _divisors(comm.size) if function in ("hybrid", "hybrid_backward") else [1]
     variants = VARIANTS.get(perturbation, 1)
 
     def body(faulty, seed, choice, ulysses_size):

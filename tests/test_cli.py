@@ -44,6 +44,18 @@ def test_check_covers_every_strategy(comm, capsys):
         assert "ok   ulysses " in out
     else:
         assert f"skip ulysses: its 8 query and 4 K/V heads do not divide by {comm.size}" in out
+    # the hybrid, forward and backward, with the smallest group U > 1 that divides the
+    # ranks and the 4 K/V heads (so at 4 ranks two groups of 2 run the ring between them)
+    groups = [u for u in range(2, comm.size + 1) if comm.size % u == 0 and 4 % u == 0]
+    if groups:
+        for name in (f"hybrid/U={groups[0]}", f"hybrid/U={groups[0]} backward"):
+            for dtype in ("float64", "float32", "float16"):
+                for causal in (False, True):
+                    assert f"ok   {name:20s} {dtype:8s} causal={causal!s:5s}" in out
+    else:
+        assert (f"skip hybrid: no group of U > 1 ranks divides the {comm.size} rank(s), "
+                "8 query heads and 4 K/V heads (U = 1 is the ring)") in out
+        assert "hybrid/" not in out
     assert "FAIL" not in out
     assert out.rstrip().splitlines()[-1].endswith(" passed, 0 failed")
 

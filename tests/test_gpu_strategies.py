@@ -179,10 +179,10 @@ def _has_gpu_backward():
 
 
 @pytest.mark.skipif(not _has_gpu_backward(), reason="no GPU backward kernel")
-@pytest.mark.parametrize("strategy", ["ring", "ulysses", "kv_sharded"])
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "hybrid", "kv_sharded"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_backward_strategies(rng, strategy, dtype):
-    from reference import reference_attention_backward, relative_error
+    from reference import reference_attention_backward
 
     size = MPI.COMM_WORLD.size
     causal = strategy != "kv_sharded"
@@ -199,14 +199,29 @@ def test_backward_strategies(rng, strategy, dtype):
         dq, dk, dv = seqpar.kv_sharded_attention_backward(cupy.asarray(dout), *args, out, lse)
         got = (dq.get(), _gather_host(dk), _gather_host(dv))
     else:
-        fwd = {"ring": seqpar.ring_attention, "ulysses": seqpar.ulysses_attention}[strategy]
+        fwd = {"ring": seqpar.ring_attention, "ulysses": seqpar.ulysses_attention,
+               "hybrid": seqpar.hybrid_attention}[strategy]
         bwd = {"ring": seqpar.ring_attention_backward,
-               "ulysses": seqpar.ulysses_attention_backward}[strategy]
+               "ulysses": seqpar.ulysses_attention_backward,
+               "hybrid": seqpar.hybrid_attention_backward}[strategy]
         args = _gpu(*(seqpar.shard(x, layout="zigzag") for x in (q, k, v)))
-        out, lse = fwd(*args, causal=True, layout="zigzag", return_lse=True)
-        grads = bwd(cupy.asarray(seqpar.shard(dout, layout="zigzag")), *args, out, lse,
-                    causal=True, layout="zigzag")
-        got = tuple(_gather_host(g, layout="zigzag") for g in grads)
+        grad = cupy.asarray(seqpar.shard(dout, layout="zigzag"))
+        # the hybrid at every group size U (U = 1: the ring across groups; U = P: Ulysses)
+        groups = [{"ulysses_size": u} for u in range(1, size + 1) if size % u == 0] \
+            if strategy == "hybrid" else [{}]
+        for group in groups:
+            opts = {"causal": True, "layout": "zigzag", **group}
+            out, lse = fwd(*args, return_lse=True, **opts)
+            grads = bwd(grad, *args, out, lse, **opts)
+            _check_backward(tuple(_gather_host(g, layout="zigzag") for g in grads), want,
+                            q.dtype, tol)
+        return
+    _check_backward(got, want, q.dtype, tol)
+
+
+def _check_backward(got, want, dtype, tol):
+    from reference import relative_error
+
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
-        assert g.dtype == q.dtype
+        assert g.dtype == dtype
         assert relative_error(g, w) <= tol, name

@@ -145,8 +145,11 @@ def test_ulysses(comm, rng, causal, layout):
 def test_hybrid(comm, rng, causal):
     u = 2 if comm.size % 2 == 0 else 1
     problem = Sharded(comm, rng, "float64")
-    compare_forward(problem, seqpar.hybrid_attention, comm=comm, causal=causal,
-                    ulysses_size=u)
+    result = compare_forward(problem, seqpar.hybrid_attention, comm=comm, causal=causal,
+                             ulysses_size=u)
+    compare_backward(problem, seqpar.hybrid_attention_backward, *result,
+                     visible=causal_pairs(problem.q.shape[1]) if causal else None, comm=comm,
+                     causal=causal, ulysses_size=u)
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ring", "ulysses"])
@@ -247,6 +250,8 @@ def _calls(comm, rng):
             t(dout), t(q), t(k), t(v), t(out), lse, qkv_format=f, **shared),
         "hybrid_attention": lambda f, t: seqpar.hybrid_attention(
             t(q), t(k), t(v), ulysses_size=1, qkv_format=f, **shared),
+        "hybrid_attention_backward": lambda f, t: seqpar.hybrid_attention_backward(
+            t(dout), t(q), t(k), t(v), t(out), lse, ulysses_size=1, qkv_format=f, **shared),
         "kv_sharded_attention": lambda f, t: seqpar.kv_sharded_attention(
             t(q), t(k), t(v), qkv_format=f, **shared),
         "kv_sharded_attention_backward": lambda f, t: seqpar.kv_sharded_attention_backward(
@@ -260,7 +265,8 @@ def _calls(comm, rng):
 
 
 FUNCTIONS = ("ring_attention", "ring_attention_backward", "ulysses_attention",
-             "ulysses_attention_backward", "hybrid_attention", "kv_sharded_attention",
+             "ulysses_attention_backward", "hybrid_attention", "hybrid_attention_backward",
+             "kv_sharded_attention",
              "kv_sharded_attention_backward", "sequence_parallel_attention",
              "ShardedKVCache.append", "ShardedKVCache.attend")
 

@@ -1,4 +1,5 @@
-"""``seqpar check``: every strategy against a float64 softmax, on small random problems."""
+"""``seqpar check``: every strategy against a float64 softmax (the hybrid's backward
+against float64 gradients too), on small random problems."""
 from __future__ import annotations
 
 from typing import Callable
@@ -6,8 +7,16 @@ from typing import Callable
 import numpy as np
 from mpi4py import MPI
 
-from .. import (attention, gather, kv_sharded_attention, ring_attention, shard,
-                ulysses_attention)
+from .. import (
+    attention,
+    gather,
+    hybrid_attention,
+    hybrid_attention_backward,
+    kv_sharded_attention,
+    ring_attention,
+    shard,
+    ulysses_attention,
+)
 from ..progress import Progress
 from ._common import TOLERANCE, UsageError, array_module, dtype_for, say
 
@@ -30,24 +39,28 @@ def check(args) -> int:
         except UsageError as exc:
             notes.append(f"skip {name}: {exc}")
     strategies = _strategies(comm.size, args.transport, notes)
-    cases = [(dtype, causal, name, run) for dtype in dtypes for causal in (False, True)
-             for name, run, with_causal in strategies if with_causal or not causal]
+    cases = [(dtype, causal, name, run, reference) for dtype in dtypes for causal in (False, True)
+             for name, run, with_causal, reference in strategies if with_causal or not causal]
     rng = np.random.default_rng(7)
     n = TOKENS_PER_RANK * comm.size
-    q, k, v = (rng.standard_normal((BATCH, n, h, HEAD_DIM)) for h in (HEADS, KV_HEADS, KV_HEADS))
+    q, k, v, dout = (rng.standard_normal((BATCH, n, h, HEAD_DIM))
+                     for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
     failures, stats = 0, {}
     with Progress(len(cases), "check", comm=comm) as progress:
         for note in notes:
             progress.write(note)
-        for (dtype_name, dtype), causal, name, run in cases:
-            cast = [x.astype(dtype) for x in (q, k, v)]
-            ref = _softmax_reference(*cast, causal)
-            out = _host(run(*(xp.asarray(x) for x in cast), causal, stats))
-            err = float(np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref))
+        for (dtype_name, dtype), causal, name, run, reference in cases:
+            cast = [x.astype(dtype) for x in (q, k, v, dout)]
+            refs = reference(*cast, causal)
+            outs = run(*(xp.asarray(x) for x in cast), causal, stats)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            # the worst of the outputs (dq, dk, dv for a backward), each by its own norm
+            err = max(float(np.linalg.norm(_host(o).astype(np.float64) - r) / np.linalg.norm(r))
+                      for o, r in zip(outs, refs))
             err = comm.allreduce(err, op=MPI.MAX)
             ok = err <= TOLERANCE[dtype_name]
             failures += not ok
-            progress.write(f"{'ok  ' if ok else 'FAIL'} {name:18s} {dtype_name:8s} "
+            progress.write(f"{'ok  ' if ok else 'FAIL'} {name:20s} {dtype_name:8s} "
                            f"causal={causal!s:5s} error {err:.1e} "
                            f"(tolerance {TOLERANCE[dtype_name]:g})")
             progress.update(note=name)
@@ -56,35 +69,63 @@ def check(args) -> int:
     return 1 if failures else 0
 
 
-def _strategies(size: int, transport: str, notes: list) -> list[tuple[str, Callable, bool]]:
-    """(name, run, takes causal): each run maps global q, k, v to the global output."""
-    def local(q, k, v, causal, stats):
+def _strategies(size: int, transport: str, notes: list) -> list[tuple[str, Callable, bool,
+                                                                       Callable]]:
+    """(name, run, takes causal, reference): each run maps global q, k, v, dout to the
+    global output (or gradients), the reference maps them to its float64 value."""
+    def local(q, k, v, dout, causal, stats):
         return attention(q, k, v, causal=causal)
 
     def ring(layout):
-        def run(q, k, v, causal, stats):
+        def run(q, k, v, dout, causal, stats):
             parts = [shard(x, layout=layout) for x in (q, k, v)]
             out = ring_attention(*parts, causal=causal, layout=layout, transport=transport,
                                  stats=stats)
             return gather(out, layout=layout)
         return run
 
-    def kv_sharded(q, k, v, causal, stats):
+    def kv_sharded(q, k, v, dout, causal, stats):
         # every rank: all queries, its slice of the keys; every rank gets the result
         return kv_sharded_attention(q, shard(k), shard(v), transport=transport)
 
-    def ulysses(q, k, v, causal, stats):
+    def ulysses(q, k, v, dout, causal, stats):
         out = ulysses_attention(*(shard(x) for x in (q, k, v)), causal=causal,
                                 transport=transport)
         return gather(out)
 
-    found = [("attention", local, True), ("ring/contiguous", ring("contiguous"), True),
-             ("ring/zigzag", ring("zigzag"), True), ("kv_sharded", kv_sharded, False)]
+    def hybrid(u, backward):
+        # zigzag: the grouped placement of the ring across groups is the least obvious part
+        def run(q, k, v, dout, causal, stats):
+            parts = [shard(x, layout="zigzag") for x in (q, k, v, dout)]
+            opts = {"ulysses_size": u, "causal": causal, "layout": "zigzag",
+                    "transport": transport}
+            out, lse = hybrid_attention(*parts[:3], return_lse=True, **opts)
+            if not backward:
+                return gather(out, layout="zigzag")
+            grads = hybrid_attention_backward(parts[3], *parts[:3], out, lse, **opts)
+            return tuple(gather(g, layout="zigzag") for g in grads)
+        return run
+
+    forward = _softmax_reference
+    found = [("attention", local, True, forward),
+             ("ring/contiguous", ring("contiguous"), True, forward),
+             ("ring/zigzag", ring("zigzag"), True, forward),
+             ("kv_sharded", kv_sharded, False, forward)]
     if HEADS % size == 0 and KV_HEADS % size == 0:
-        found.append(("ulysses", ulysses, True))
+        found.append(("ulysses", ulysses, True, forward))
     else:
         notes.append(f"skip ulysses: its {HEADS} query and {KV_HEADS} K/V heads do not "
                      f"divide by {size} ranks")
+    # the smallest group of more than one rank (U = 1 is the ring, checked above), so
+    # that a ring across groups runs wherever the ranks allow one (U < P)
+    groups = [u for u in range(2, size + 1) if size % u == 0 and KV_HEADS % u == 0]
+    if groups:
+        u = groups[0]
+        found += [(f"hybrid/U={u}", hybrid(u, False), True, forward),
+                  (f"hybrid/U={u} backward", hybrid(u, True), True, _gradient_reference)]
+    else:
+        notes.append(f"skip hybrid: no group of U > 1 ranks divides the {size} rank(s), "
+                     f"{HEADS} query heads and {KV_HEADS} K/V heads (U = 1 is the ring)")
     return found
 
 
@@ -92,13 +133,35 @@ def _host(x) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.get()
 
 
-def _softmax_reference(q, k, v, causal: bool) -> np.ndarray:
-    """Plain float64 softmax attention of the (already cast) inputs."""
-    q, k, v = (x.astype(np.float64) for x in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+def _probabilities(q, k, causal: bool) -> np.ndarray:
+    """Softmax over the keys, float64, shape (B, H, Sq, Sk) (K/V heads repeated)."""
     s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(q.shape[-1])
     if causal:
         s = np.where(np.triu(np.ones(s.shape[-2:], bool), 1), -np.inf, s)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
-    return np.einsum("bhij,bjhd->bihd", p / p.sum(axis=-1, keepdims=True), v)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def _softmax_reference(q, k, v, dout, causal: bool) -> tuple[np.ndarray]:
+    """Plain float64 softmax attention of the (already cast) inputs."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    return (np.einsum("bhij,bjhd->bihd", _probabilities(q, k, causal), v),)
+
+
+def _gradient_reference(q, k, v, dout, causal: bool) -> tuple[np.ndarray, ...]:
+    """dq, dk, dv of that attention in float64, by the analytic formulas (dk, dv summed
+    over the query heads that share a K/V head)."""
+    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
+    batch, sk, hk, d = k.shape
+    group = q.shape[2] // hk
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    p = _probabilities(q, k, causal)
+    out = np.einsum("bhij,bjhd->bihd", p, v)
+    dp = np.einsum("bihd,bjhd->bhij", dout, v)
+    ds = p * (dp - np.einsum("bihd,bihd->bhi", dout, out)[..., None]) / np.sqrt(d)
+    dq = np.einsum("bhij,bjhd->bihd", ds, k)
+    dk = np.einsum("bhij,bihd->bjhd", ds, q).reshape(batch, sk, hk, group, d).sum(axis=3)
+    dv = np.einsum("bhij,bihd->bjhd", p, dout).reshape(batch, sk, hk, group, d).sum(axis=3)
+    return dq, dk, dv

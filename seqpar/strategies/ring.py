@@ -250,14 +250,15 @@ class _Ring:
 
     @classmethod
     def placed(cls, context, everyone, function, p, q_place, k_place, mask, transport,
-               acquire) -> "_Ring":
-        """A forward ring on ``context``'s communicator for arguments already agreed on
-        the wider communicator ``everyone``, which also agrees that every rank could
-        allocate the buffers (before any point-to-point message)."""
+               acquire, backward=False) -> _Ring:
+        """A ring on ``context``'s communicator for arguments already agreed on the wider
+        communicator ``everyone``, which also agrees that every rank could allocate the
+        buffers (before any point-to-point message); ``backward``: with the buffers of
+        the partial dK/dV that travel home (:attr:`gradient_buffers`)."""
         def allocate(_):
             own = [p.xp.ascontiguousarray(x) for x in (p.k, p.v)]
             capacity = _capacity(p, own, q_place, k_place, mask, context.comm.rank)
-            return own, _block_buffers(p, own, capacity, False), acquire(p, own)
+            return own, _block_buffers(p, own, capacity, backward), acquire(p, own)
 
         own, buffers, resources = agree(everyone, function, dict, (), allocate,
                                         inputs=(p.q, p.k, p.v)).resources

@@ -170,21 +170,11 @@ class _UlyssesCall:
                                          comm=context, window=window, seqlens=seqlens,
                                          check_finite=check_finite, qkv_format=qkv_format)
 
-        def extra_bytes(_):
-            # what the all-to-alls and the local pass allocate after the agreement: head
-            # shards of the inputs (and dout), their send and receive copies, the output
-            # and its way back in the accumulation dtype (twice that for the gradients)
-            if not isinstance(q, np.ndarray):
-                return 0  # device memory is allocated eagerly: CuPy raises in time
-            arrays = (q, k, v) + (() if extra_inputs is None else extra_inputs[:1])
-            inputs = sum(x.nbytes for x in arrays)
-            outputs = q.size * (8 if q.dtype.name == "float64" else 4)
-            return 3 * inputs + (3 if extra_inputs is None else 6) * outputs
-
         inputs = qkv + (() if extra_inputs is None else tuple(extra_inputs))
         agreement = agree(comm, function, check, ATTENTION_SETTINGS,
                           lambda _: prepare(q, k, v, softmax_scale), share=("q length",),
-                          inputs=inputs, extra_bytes=extra_bytes)
+                          inputs=inputs, extra_bytes=lambda _: all_to_all_bytes(qkv,
+                                                                                extra_inputs))
         self.p = agreement.resources
         self.lengths = agreement.shared["q length"].tolist()
         if layout == "zigzag" and len(set(self.lengths)) != 1:
@@ -204,6 +194,21 @@ class _UlyssesCall:
         gathered = [run for source in range(len(self.lengths))
                     for run in segments(self.layout, self.lengths, source)]
         return plan_blocks(gathered, gathered, self.mask)
+
+
+def all_to_all_bytes(qkv, extra_inputs) -> int:
+    """Host bytes the all-to-alls and the local pass of a Ulysses-style call allocate
+    after its agreement (``extra_inputs``: None for the forward, (dout, out, lse) for
+    the backward), for :func:`seqpar.validation.agree`'s memory check."""
+    q = qkv[0]
+    if not isinstance(q, np.ndarray):
+        return 0  # device memory is allocated eagerly: CuPy raises in time
+    # head shards of the inputs (and dout), their send and receive copies, the output
+    # and its way back in the accumulation dtype (twice that for the gradients)
+    arrays = tuple(qkv) + (() if extra_inputs is None else tuple(extra_inputs[:1]))
+    inputs = sum(x.nbytes for x in arrays)
+    outputs = q.size * (8 if q.dtype.name == "float64" else 4)
+    return 3 * inputs + (3 if extra_inputs is None else 6) * outputs
 
 
 def _to_head_shards(xp, mover, x, lengths):
