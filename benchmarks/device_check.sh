@@ -6,8 +6,9 @@
 #   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
 #   bench        a short forward benchmark against torch SDPA
 #   backward     the backward tests (both kernel paths), then a short backward benchmark
-#   graphs       CUDA graph capture tests at 1 and 2 ranks, the same tests with the kept
-#                graph memory switched off (what they catch), decode latency per call
+#   graphs       CUDA graph capture and plan tests at 1 and 2 ranks, the capture tests
+#                with the kept graph memory switched off (what they catch), decode
+#                latency per call and host time per call
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -49,7 +50,8 @@ for s in $steps; do
       step backward-bench ${BACKWARD_BENCH_LIMIT:-420} python3 benchmarks/gpu_backward.py $bench_args
       tail -8 "$OUT/backward-bench.log" ;;
     graphs)
-      step graphs-1 300 python3 -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_graphs.py
+      step graphs-1 300 python3 -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_graphs.py \
+        tests/test_gpu_plans.py
       step graphs-2 200 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
         -m gpu tests/test_gpu_graphs.py -k "sharing or raises"
       step graphs-unkept 300 python3 -c 'import contextlib, sys, pytest, seqpar._interop as i

@@ -8,7 +8,8 @@ as a loop that needs the token before the next step sees it: seqpar.attention ca
 directly, the same call captured once in a CUDA graph (seqpar.graphs) and replayed,
 and torch's scaled_dot_product_attention with the FLASH and cuDNN backends on the
 same inputs (enable_gqa). Medians of --repeats calls, with the minimum. Then the host
-time of one call back to back on tiny inputs (the GPU idle in between). A table last.
+time of one call back to back on tiny inputs (the GPU idle in between), and of the
+first call of a new description, which builds its plan. A table last.
 """
 from __future__ import annotations
 
@@ -99,7 +100,19 @@ def main():
             seqpar.graphs.release_graph_memory()
         tiny = [cupy.asarray(rng.standard_normal((1, 1, 8, 64), np.float32).astype(bf16))
                 for _ in range(3)]
-        hosts = {"attention": host_time(lambda: seqpar.attention(*tiny), 2000)}
+        hosts = {"attention (its plan cache)": host_time(lambda: seqpar.attention(*tiny), 2000)}
+        plan = seqpar.AttentionPlan(*tiny)
+        hosts["AttentionPlan call"] = host_time(lambda: plan(*tiny), 2000)
+        seqpar.plans.clear_plan_cache()
+        first = time.perf_counter()
+        seqpar.attention(*tiny)
+        hosts["attention, first call of a description (plan built)"] = time.perf_counter() - first
+        small = cupy.asarray(rng.standard_normal((1, 128, 8, 64), np.float32).astype(bf16))
+        out_s, lse_s = seqpar.attention(small, small, small, return_lse=True)
+        hosts["attention_backward"] = host_time(
+            lambda: seqpar.attention_backward(small, small, small, small, out_s, lse_s), 500)
+        hosts["ring_attention, 1 rank"] = host_time(
+            lambda: seqpar.ring_attention(small, small, small), 500)
         tiny_kv = [cupy.asarray(rng.standard_normal((1, 64, 8, 64), np.float32).astype(bf16))
                    for _ in range(2)]
         hosts["kv_sharded_attention, 1 rank"] = host_time(

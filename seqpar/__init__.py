@@ -4,6 +4,7 @@ from . import graphs  # noqa: F401 - seqpar.graphs.release_graph_memory()
 from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
+from .plans import AttentionPlan
 from .strategies.auto import choose_strategy, sequence_parallel_attention
 from .strategies.hybrid import hybrid_attention, hybrid_attention_backward
 from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
@@ -12,6 +13,7 @@ from .strategies.ring import ring_attention, ring_attention_backward
 from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 
 __all__ = [
+    "AttentionPlan",
     "ShardedKVCache",
     "attention",
     "attention_backward",

@@ -20,13 +20,15 @@ import seqpar
 logger = logging.getLogger(__name__)
 
 GROUPS = ("Attention", "Backward", "Choosing a strategy", "Placing data and devices",
-          "Decoding with a cache")
+          "Decoding with a cache", "Plans for repeated calls")
 _PLACING = {"shard", "gather", "local_indices", "use_local_device"}
 
 
 def group(name: str) -> str:
     """The section of the API page that documents ``seqpar.<name>``."""
     obj = getattr(seqpar, name)
+    if name.endswith("Plan"):
+        return "Plans for repeated calls"
     if inspect.isclass(obj):
         return "Decoding with a cache"
     if name.endswith("_backward"):

@@ -171,3 +171,54 @@ def _capability(device_id: int) -> tuple[int, int]:
     """(major, minor) of a device (CuPy spells it "90")."""
     text = str(_cupy().cuda.Device(device_id).compute_capability)
     return int(text[:-1]), int(text[-1])
+
+
+class DirectLaunch:
+    """One kernel launched by the driver's ``cuLaunchKernel`` from a parameter block
+    built once: a call writes the arguments that change (array pointers) and launches,
+    a few microseconds of host time where a CuPy launch converts every argument anew.
+
+    ``kinds`` gives each parameter's C type in order: ``"p"`` a pointer, ``"i"`` int32,
+    ``"q"`` int64, ``"f"`` float32; each occupies an 8-byte slot, which the kernel reads
+    at its own size (little-endian).
+    """
+
+    def __init__(self, function, kinds: str, grid, block, shared_mem: int):
+        self._function = int(getattr(function, "kernel", function).ptr)
+        self.slots = np.zeros(len(kinds), dtype=np.uint64)
+        self._pointers = np.array([self.slots.ctypes.data + 8 * i for i in range(len(kinds))],
+                                  dtype=np.uint64)
+        self._kinds = kinds
+        self._shape = (*(int(g) for g in grid), *(int(b) for b in block), int(shared_mem))
+
+    def set(self, index: int, value) -> None:
+        """Write parameter ``index`` (a CuPy array is its data pointer; None is null)."""
+        kind = self._kinds[index]
+        if kind == "p":
+            self.slots[index] = 0 if value is None else (
+                int(value) if isinstance(value, (int, np.integer)) else value.data.ptr)
+        elif kind == "i":  # the low half of the slot; the high half stays zero
+            self.slots.view(np.int32)[2 * index] = value
+        elif kind == "q":
+            self.slots.view(np.int64)[index] = value
+        else:
+            self.slots.view(np.float32)[2 * index] = value
+
+    def __call__(self, stream_ptr: int) -> None:
+        status = _driver().cuLaunchKernel(self._function, *self._shape, stream_ptr,
+                                          self._pointers.ctypes.data, None)
+        if status:
+            raise RuntimeError(f"cuLaunchKernel failed with CUresult {status}")
+
+
+@functools.lru_cache(maxsize=None)
+def _driver():
+    """libcuda's cuLaunchKernel through ctypes (the library CuPy itself runs on)."""
+    import ctypes
+
+    library = ctypes.CDLL("libcuda.so.1")
+    launch = library.cuLaunchKernel
+    launch.argtypes = ([ctypes.c_void_p] + [ctypes.c_uint] * 7 +
+                       [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
+    launch.restype = ctypes.c_int
+    return library

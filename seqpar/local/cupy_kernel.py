@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
 from ._launch import (_DECODE_MAX_ROWS, BACKWARD_KERNELS, KERNELS, SUPPORTED_HEAD_DIMS,
-                      _capability, _cupy, _element_strides, _kind, _mask_args, _readable,
-                      _tma_readable, choose_kernel, source)
+                      DirectLaunch, _capability, _cupy, _element_strides, _kind, _mask_args,
+                      _readable, _tma_readable, choose_kernel, doc_starts, source)
 from .cupy_backward import backward
 
 # GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
 SPLIT_CARRY = False
 
-__all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "choose_kernel", "KERNELS",
+__all__ = ["SPLIT_CARRY", "forward", "plan_forward", "backward", "backward_delta",
+           "choose_kernel", "KERNELS",
            "BACKWARD_KERNELS", "SUPPORTED_HEAD_DIMS"]
 
 
@@ -219,47 +221,165 @@ def _multiprocessors(device_id: int) -> int:
     return int(_cupy().cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"])
 
 
-def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
-            key_lengths, accumulate, kind, dev):
-    """Split-K/V launch: every SM streams a share of the keys, then one combine."""
-    cupy = _cupy()
-    batch, sq, hq, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    rows = sq * (hq // hk)
-    groups, key_groups, bn, stages = _decode_shape(rows, d)
-    masked = mask is not None or key_lengths is not None
-    out16 = out.dtype != np.float32
+def _decode_geometry(q_shape, k_shape, masked, kind, out16, dev):
+    """(main kernel, combine kernel, shared bytes, splits, row groups, key groups) of a
+    split-K/V launch: whole waves of blocks over the SMs (a part-filled last wave idles
+    the rest), as many as keep every split at least a few tiles long."""
+    batch, sq, hq, d = q_shape
+    sk, hk = k_shape[1], k_shape[2]
+    groups, key_groups, bn, stages = _decode_shape(sq * (hq // hk), d)
     fn, combine, smem = _decode_kernels(kind, d, groups, key_groups, bn, stages, masked, out16,
                                         dev)
-    # whole waves of blocks over the SMs (a part-filled last wave idles the rest), as
-    # many as keep every split at least a few tiles long
     per_sm = max(1, min(_SMEM_PER_SM // (smem + 1024), 2048 // (32 * groups * key_groups)))
     wave = per_sm * _multiprocessors(dev)
     most = max(1, -(-sk // _DECODE_MIN_KEYS_PER_SPLIT))
-    splits = 1
     for waves in (2, 1):  # blocks of a split are equally long: few waves suffice
         if waves * wave >= batch * hk and (waves * wave) // (batch * hk) <= most:
             splits = (waves * wave) // (batch * hk)
             break
     else:
         splits = min(most, max(1, wave // (batch * hk)))
+    return fn, combine, smem, splits, groups, key_groups
+
+
+def _decode_arguments(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset,
+                      k_offset, key_lengths, accumulate, splits, groups, o_part, lse_part,
+                      dev):
+    """The two launches' arguments, in the kernels' order."""
+    batch, sq, hq, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    i32, i64 = np.int32, np.int64
+    lengths = key_lengths if key_lengths is not None else np.uintp(0)
+    main = (q, k, v, o_part, lse_part, i32(sq), i32(sk), i32(hq), i32(hk), i32(splits),
+            i64(qs[0]), i64(qs[1]), i64(qs[2]), i64(ks[0]), i64(ks[1]), i64(ks[2]),
+            i64(vs[0]), i64(vs[1]), i64(vs[2]), np.float32(scale * math.log2(math.e)),
+            lengths, *_mask_args(mask, q_offset, k_offset, dev))
+    combine = (o_part, lse_part, out, lse, i32(sq), i32(hq), i32(hk), i32(splits),
+               i32(16 * groups), i32(batch), i64(os_[0]), i64(os_[1]), i64(os_[2]),
+               i64(ls[0]), i64(ls[1]), i32(bool(accumulate)))
+    return main, combine
+
+
+# the C types of the two kernels' parameters, for DirectLaunch (see _decode_arguments)
+_DECODE_KINDS = "ppppp" + "iiiii" + "qqqqqqqqq" + "f" + "p" + "qqqqpi"
+_COMBINE_KINDS = "pppp" + "iiiiii" + "qqqqq" + "i"
+
+
+def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
+            key_lengths, accumulate, kind, dev):
+    """Split-K/V launch: every SM streams a share of the keys, then one combine."""
+    cupy = _cupy()
+    batch, sq, hq, d = q.shape
+    hk = k.shape[2]
+    masked = mask is not None or key_lengths is not None
+    fn, combine, smem, splits, groups, key_groups = _decode_geometry(
+        q.shape, k.shape, masked, kind, out.dtype != np.float32, dev)
     padded = 16 * groups
     o_part = cupy.empty((splits, batch, hk, padded, d), dtype=np.float32)
     lse_part = cupy.empty((splits, batch, hk, padded), dtype=np.float64)
-    i32, i64 = np.int32, np.int64
-    lengths = key_lengths if key_lengths is not None else np.uintp(0)
+    main_args, combine_args = _decode_arguments(
+        q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset, key_lengths,
+        accumulate, splits, groups, o_part, lse_part, dev)
     with q.device:
-        fn((splits, batch * hk, 1), (32 * groups * key_groups, 1, 1),
-           (q, k, v, o_part, lse_part, i32(sq), i32(sk), i32(hq), i32(hk), i32(splits),
-            i64(qs[0]), i64(qs[1]), i64(qs[2]), i64(ks[0]), i64(ks[1]), i64(ks[2]),
-            i64(vs[0]), i64(vs[1]), i64(vs[2]), np.float32(scale * math.log2(math.e)),
-            lengths, *_mask_args(mask, q_offset, k_offset, dev)), shared_mem=smem)
-        warps = batch * hk * rows  # one warp per row
-        combine((-(-warps // 4), 1, 1), (128, 1, 1),
-                (o_part, lse_part, out, lse, i32(sq), i32(hq), i32(hk), i32(splits),
-                 i32(padded), i32(batch), i64(os_[0]), i64(os_[1]), i64(os_[2]), i64(ls[0]),
-                 i64(ls[1]), i32(bool(accumulate))))
+        fn((splits, batch * hk, 1), (32 * groups * key_groups, 1, 1), main_args,
+           shared_mem=smem)
+        warps = batch * hk * sq * (hq // hk)  # one warp per row
+        combine((-(-warps // 4), 1, 1), (128, 1, 1), combine_args)
     return out, lse
+
+
+def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None):
+    """A callable ``(q, k, v, key_lengths) -> (out, lse)`` that runs :func:`forward` for
+    arrays like these (same shapes, strides, dtypes, device) with these settings.
+
+    Where the decode kernel runs and reads the operands in place, the plan holds its
+    two launches with their parameters built (:class:`DirectLaunch`) and its workspace
+    per stream: a call allocates out and lse, writes eight pointers and launches.
+    Elsewhere (and for operands whose data is not 16-byte aligned) it calls
+    :func:`forward`: the kernel's own checks, then the launch.
+    """
+    kind, dev = _kind(q.dtype), q.device.id
+    batch, sq, hq, d = q.shape
+    hk = k.shape[2]
+    rows = sq * (hq // hk)
+    in_place = all(_readable(x, "") is x for x in (q, k, v))
+    def run(q, k, v, key_lengths):
+        return forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
+                       key_lengths=key_lengths)
+
+    if not (in_place and kind in ("f16", "bf16") and d in SUPPORTED_HEAD_DIMS and batch * hq
+            and sq and k.shape[1] and choose_kernel(q.dtype, d, _capability(dev), rows=rows)
+            == "decode"):
+        return run
+    return _PlannedDecode(q, k, v, scale, mask, q_offset, key_lengths, kind, dev, run)
+
+
+class _PlannedDecode:
+    """The decode kernel's launches for one shape (see :func:`plan_forward`)."""
+
+    def __init__(self, q, k, v, scale, mask, q_offset, key_lengths, kind, dev, unplanned):
+        cupy = _cupy()
+        batch, sq, hq, d = q.shape
+        hk = k.shape[2]
+        masked = mask is not None or key_lengths is not None
+        fn, combine, smem, splits, groups, key_groups = _decode_geometry(
+            q.shape, k.shape, masked, kind, True, dev)
+        self._parts = ((splits, batch, hk, 16 * groups, d), (splits, batch, hk, 16 * groups))
+        self._out = (q.shape, q.dtype, (batch, hq, sq))
+        self._workspace: dict = {}  # stream -> (o_part, lse_part)
+        out = cupy.empty(q.shape, q.dtype)
+        lse = cupy.empty((batch, hq, sq), np.float64)
+        o_part, lse_part = (cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
+                                                                          np.float64)))
+        main_args, combine_args = _decode_arguments(
+            q, k, v, out, lse, *(_element_strides(x) for x in (q, k, v, out, lse)), scale,
+            mask, q_offset, 0, key_lengths, False, splits, groups, o_part, lse_part, dev)
+        warps = batch * hk * sq * (hq // hk)
+        self._main = DirectLaunch(fn, _DECODE_KINDS, (splits, batch * hk, 1),
+                                  (32 * groups * key_groups, 1, 1), smem)
+        self._combine = DirectLaunch(combine, _COMBINE_KINDS, (-(-warps // 4), 1, 1),
+                                     (128, 1, 1), 0)
+        for launch, args in ((self._main, main_args), (self._combine, combine_args)):
+            for i, value in enumerate(args):
+                launch.set(i, value)
+        self._docs = None if mask is None or mask.doc_starts is None else \
+            doc_starts(tuple(mask.doc_starts), dev)  # the plan keeps what it points to
+        self._unplanned = unplanned
+        self._device = dev
+        self._lock = threading.Lock()  # the parameter blocks, from writing to launching
+
+    def __call__(self, q, k, v, key_lengths):
+        cupy = _cupy()
+        if (q.data.ptr | k.data.ptr | v.data.ptr) % 16 or \
+                cupy.cuda.runtime.getDevice() != self._device:
+            # strides fit, a pointer may not (forward copies what it must); or another
+            # device is current (forward launches on q's)
+            return self._unplanned(q, k, v, key_lengths)
+        shape, dtype, lse_shape = self._out
+        stream = cupy.cuda.get_current_stream()
+        out = cupy.empty(shape, dtype)
+        lse = cupy.empty(lse_shape, np.float64)
+        if stream.is_capturing():  # the graph keeps what it writes (seqpar.graphs)
+            parts = tuple(cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
+                                                                          np.float64)))
+        else:
+            parts = self._workspace.get(stream.ptr)
+            if parts is None:
+                if len(self._workspace) >= 8:  # streams come and go: keep a few
+                    self._workspace.clear()
+                parts = self._workspace[stream.ptr] = tuple(
+                    cupy.empty(s, t) for s, t in zip(self._parts, (np.float32, np.float64)))
+        main, combine = self._main, self._combine
+        with self._lock:
+            for i, x in enumerate((q, k, v, *parts)):
+                main.slots[i] = x.data.ptr
+            main.slots[20] = 0 if key_lengths is None else key_lengths.data.ptr
+            combine.slots[0], combine.slots[1] = parts[0].data.ptr, parts[1].data.ptr
+            combine.slots[2], combine.slots[3] = out.data.ptr, lse.data.ptr
+            main(stream.ptr)
+            combine(stream.ptr)
+        return out, lse
+
 
 def backward_delta(dout, out):
     """delta = rowsum(dout * out), shape (B, H, S), float32 (fp32 products and sums)."""

@@ -6,8 +6,10 @@ import numpy as np
 from .._interop import accepts_dlpack
 from .._typing import Array, Gradients, Output, Seqlens, Window
 from ..masks import Mask
+from ..plans import cached_attention
 from ..validation import check_attention_inputs, check_backward_inputs
 from ._prepare import (
+    QKV_FORMATS,
     accepts_qkv_format,
     check_finite_arrays,
     check_key_lengths,
@@ -62,6 +64,11 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool = False,
     lse : array, shape (B, Hq, Sq) (or (Hq, Sq)), float32 (float64 for float64 input)
         Only when ``return_lse``. A row with no visible key has out 0 and lse -inf.
     """
+    if qkv_format in QKV_FORMATS:  # arrays already (B, S, H, D) here (accepts_qkv_format)
+        planned = cached_attention(q, k, v, causal, softmax_scale, return_lse, window, seqlens,
+                                   key_lengths, q_offset, check_finite, "bshd")
+        if planned is not None:
+            return planned
     settings = check_attention_inputs(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                       window=window, seqlens=seqlens, check_finite=check_finite,
                                       qkv_format=qkv_format)

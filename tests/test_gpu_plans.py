@@ -1,0 +1,118 @@
+"""AttentionPlan and seqpar.attention's plan cache on the GPU: planned calls equal the
+unplanned computation bitwise and the float64 reference; outputs poisoned first."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import check_attention, random_qkv, require_gpu
+
+cupy, _ = require_gpu()
+
+import seqpar  # noqa: E402
+from seqpar import plans  # noqa: E402
+from seqpar.local import cupy_kernel  # noqa: E402
+from seqpar.masks import Mask  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and \
+        bool((a.view(cupy.uint8) == b.view(cupy.uint8)).all())
+
+
+def _unplanned(q, k, v, **options):
+    """The kernel called as an unplanned seqpar.attention calls it."""
+    lengths = options.pop("key_lengths", None)
+    mask = Mask.build(options.get("causal", False), options.get("window"),
+                      options.get("seqlens"))
+    out, _ = cupy_kernel.forward(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask,
+                                 q_offset=options.get("q_offset", 0), key_lengths=lengths)
+    return out
+
+
+CASES = {
+    "decode": dict(sq=1, sk=5000, hq=32, hk=8, d=128, options={}),
+    "decode causal offset": dict(sq=4, sk=3000, hq=16, hk=4, d=64,
+                                 options={"causal": True, "q_offset": 2996}),
+    "decode window": dict(sq=2, sk=4096, hq=8, hk=8, d=128,
+                          options={"window": (1000, 0), "causal": True, "q_offset": 4094}),
+    "decode documents": dict(sq=1, sk=777, hq=8, hk=2, d=64,
+                             options={"seqlens": [300, 477], "q_offset": 776}),
+    "forward kernel": dict(sq=300, sk=300, hq=8, hk=4, d=128, options={"causal": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_plan_equals_unplanned(rng, case, dtype):
+    c = CASES[case]
+    q, k, v = random_qkv(rng, dtype, b=2, sq=c["sq"], sk=c["sk"], hq=c["hq"], hk=c["hk"],
+                         d=c["d"])
+    gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+    plan = seqpar.AttentionPlan(gq, gk, gv, **c["options"])
+    want = _unplanned(gq, gk, gv, **c["options"])
+    for _ in range(3):
+        out = plan(gq, gk, gv)
+        assert _same(out, want)
+        out.view(cupy.uint8).fill(0xFF)  # a later call must write everything again
+    cached = seqpar.attention(gq, gk, gv, **c["options"])
+    assert _same(cached, want)
+    check_attention(cached.get(), q, k, v, visible=_visible(c["options"], c["sq"], c["sk"]))
+
+
+def _visible(options, sq, sk):
+    """Which keys each query sees, queries at q_offset + 0.., keys at 0.."""
+    i = np.arange(sq)[:, None] + options.get("q_offset", 0)
+    j = np.arange(sk)[None, :]
+    visible = np.ones((sq, sk), bool)
+    if options.get("causal"):
+        visible &= j <= i
+    if "window" in options:
+        left, right = options["window"]
+        visible &= (j >= i - left) & (j <= i + right)
+    if "seqlens" in options:
+        doc = np.repeat(np.arange(len(options["seqlens"])), options["seqlens"])
+        visible &= doc[i] == doc[j]
+    return visible
+
+
+@pytest.mark.parametrize("lengths_dtype", [np.int32, np.int64])
+def test_key_lengths_device_array(rng, lengths_dtype):
+    q, k, v = random_qkv(rng, "bfloat16", b=3, sq=1, sk=2048, hq=32, hk=8, d=128)
+    gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+    lengths = cupy.asarray([2048, 1000, 0], dtype=lengths_dtype)
+    plan = seqpar.AttentionPlan(gq, gk, gv, key_lengths=lengths)
+    for fill in ([2048, 1000, 0], [7, 2048, 1]):
+        lengths[...] = cupy.asarray(fill, dtype=lengths_dtype)
+        out = plan(gq, gk, gv, key_lengths=lengths)
+        assert _same(out, _unplanned(gq, gk, gv, key_lengths=lengths.astype(np.int32)))
+        assert _same(seqpar.attention(gq, gk, gv, key_lengths=lengths), out)
+    host = out.get()
+    for b, n in enumerate([7, 2048, 1]):
+        check_attention(host[b:b + 1], q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
+
+
+def test_misaligned_and_other_arrays(rng):
+    q, k, v = random_qkv(rng, "bfloat16", b=1, sq=1, sk=1024, hq=8, hk=8, d=64)
+    gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+    plan = seqpar.AttentionPlan(gq, gk, gv)
+    # the same description, data 2 bytes off 16-byte alignment: the unplanned path
+    big = cupy.asarray(np.concatenate([q.reshape(-1), q.reshape(-1)[:8]]))
+    odd = big[1:1 + q.size].reshape(q.shape)
+    assert odd.strides == gq.strides and odd.data.ptr % 16
+    assert _same(plan(odd, gk, gv), _unplanned(cupy.ascontiguousarray(odd), gk, gv))
+    with pytest.raises(ValueError, match="k: this plan was built for a cupy array"):
+        plan(gq, gk[:, :512], gv)
+
+
+def test_cache_is_bounded_and_clears(rng):
+    plans.clear_plan_cache()
+    for n in range(plans._CACHE_SIZE + 5):
+        q, k, v = (cupy.asarray(x) for x in
+                   random_qkv(rng, "float16", b=1, sq=1, sk=64 + n, hq=4, hk=4, d=64))
+        seqpar.attention(q, k, v)
+    assert len(plans._cache) == plans._CACHE_SIZE
+    plans.clear_plan_cache()
+    assert not plans._cache
