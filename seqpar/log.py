@@ -23,7 +23,7 @@ import sys
 import time
 import warnings
 
-__all__ = ["LONG_CALL_S", "INTERVAL_S", "Steps", "log_to_stderr"]
+__all__ = ["INTERVAL_S", "LONG_CALL_S", "Steps", "log_to_stderr", "logging_to_stderr"]
 
 # A call logs its steps only once it has run this long: quick calls stay silent.
 LONG_CALL_S = 5.0
@@ -46,7 +46,7 @@ class _Stderr(logging.StreamHandler):
         logging.Handler.__init__(self)
 
     @property
-    def stream(self):  # noqa: D102 - StreamHandler's attribute
+    def stream(self):
         return sys.stderr
 
     @stream.setter
@@ -132,8 +132,8 @@ class Steps:
         Defaults :data:`LONG_CALL_S` and :data:`INTERVAL_S`, read when the job starts.
     """
 
-    __slots__ = ("logger", "what", "total", "count", "_on", "_after", "_interval", "_start",
-                 "_last")
+    __slots__ = ("_after", "_interval", "_last", "_on", "_start", "count", "logger", "total",
+                 "what")
 
     def __init__(self, logger: logging.Logger, what: str, total: int, *, report: bool,
                  after: float | None = None, interval: float | None = None):

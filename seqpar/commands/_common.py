@@ -7,8 +7,8 @@ from types import ModuleType
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["TOLERANCE", "UsageError", "say", "dtype_for", "array_module", "rate_unit",
-           "rate_text"]
+__all__ = ["TOLERANCE", "UsageError", "array_module", "dtype_for", "rate_text", "rate_unit",
+           "say"]
 
 # ||out - ref|| / ||ref|| against float64 (README, "Numerics")
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}

@@ -16,7 +16,7 @@ from .. import ring_attention
 from ..progress import Progress
 from ._common import UsageError, array_module, dtype_for, rate_text, say
 
-__all__ = ["bench", "summary", "device_name"]
+__all__ = ["bench", "device_name", "summary"]
 
 
 def bench(args) -> int:
@@ -225,7 +225,7 @@ def device_name(gpu: bool) -> str:
 
 def _threads_per_rank() -> int:
     """The threads a rank computes on: the rule of seqpar.local.numpy_kernel's pool."""
-    return int(os.environ.get("SEQPAR_NUM_THREADS", 0) or 0) or len(os.sched_getaffinity(0))
+    return int(os.environ.get("SEQPAR_NUM_THREADS", "") or 0) or len(os.sched_getaffinity(0))
 
 
 def _synchronize(xp) -> None:

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from ._common import UsageError, rate_unit
 
-__all__ = ["require_matplotlib", "figure_format_problem", "plot_bench", "draw_bench"]
+__all__ = ["draw_bench", "figure_format_problem", "plot_bench", "require_matplotlib"]
 
 
 def require_matplotlib() -> None:
