@@ -4,6 +4,8 @@ What it says today: the steps of a long call (``seqpar.ring``: the ring of
 ``ring_attention``, its backward and ``hybrid_attention``), and the progress of the
 command line and the example (``seqpar.progress``), at INFO, from rank 0 of the call's
 communicator only. A call says nothing until it has run :data:`LONG_CALL_S` seconds.
+On a GPU a step counts when the host has gone past it (its kernels launched, its
+transfer waited for as the transport waits), not when the device has finished it.
 
 One switch turns it on, on stderr: :func:`log_to_stderr` in a program, or the
 environment variable ``SEQPAR_LOG=info`` (any level name: ``debug``, ``info``,
