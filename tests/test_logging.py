@@ -8,13 +8,12 @@ import logging
 import warnings
 
 import pytest
+from conftest import TOL, check_attention, random_qkv
+from reference import reference_attention_backward, relative_error
 
 import seqpar
 import seqpar.log
 from seqpar.log import Steps
-
-from conftest import TOL, check_attention, random_qkv
-from reference import reference_attention_backward, relative_error
 
 
 def _run(name, comm, rng):
