@@ -14,9 +14,7 @@ from mpi4py import MPI
 
 from .. import comms
 
-__all__ = ["PEERS", "peer_problem", "time_peer"]
-
-PEERS = ("torch",)
+__all__ = ["peer_problem", "time_peer"]
 
 
 def peer_problem(name: str, gpu: bool) -> str | None:
