@@ -4,6 +4,7 @@ from . import graphs  # noqa: F401 - seqpar.graphs.release_graph_memory()
 from .cache import ShardedKVCache
 from .devices import use_local_device
 from .layout import gather, local_indices, shard
+from .log import _from_environment, log_to_stderr
 from .plans import AttentionPlan
 from .strategies.auto import choose_strategy, sequence_parallel_attention
 from .strategies.hybrid import hybrid_attention, hybrid_attention_backward
@@ -24,6 +25,7 @@ __all__ = [
     "kv_sharded_attention",
     "kv_sharded_attention_backward",
     "local_indices",
+    "log_to_stderr",
     "ring_attention",
     "ring_attention_backward",
     "sequence_parallel_attention",
@@ -33,3 +35,5 @@ __all__ = [
     "use_local_device",
 ]
 __version__ = "0.1.0"
+
+_from_environment()  # SEQPAR_LOG=info: the log on stderr without a change to the program

@@ -6,6 +6,7 @@ Each subcommand lives in :mod:`seqpar.commands` and is imported only when chosen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -49,13 +50,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .commands.info import info
 
         return info(args)
-    if args.command == "check":
-        from .commands.check import check
+    with _logging():
+        if args.command == "check":
+            from .commands.check import check
 
-        return check(args)
-    from .commands.bench import bench
+            return check(args)
+        from .commands.bench import bench
 
-    return bench(args)
+        return bench(args)
+
+
+@contextlib.contextmanager
+def _logging():
+    """seqpar's log at INFO on stderr while a command runs (its progress lines, the steps
+    of long calls), unless SEQPAR_LOG chose a level (or off) or the program turned it on."""
+    from .log import log_to_stderr, logging_to_stderr
+
+    if os.environ.get("SEQPAR_LOG", "").strip() or logging_to_stderr():
+        yield
+        return
+    log_to_stderr("INFO")
+    try:
+        yield
+    finally:
+        log_to_stderr(None)  # as it was (main may run inside a program, or a test)
 
 
 def _mpi_library() -> str | None:
@@ -136,14 +154,18 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = add(
         "bench", "time ring attention; sweep N, write JSON, draw a figure",
-        "Time ring attention over the sequence lengths given (median of --repeats calls "
-        "after one warm-up, the slowest rank counts) and print time, TFLOP/s and the "
-        "communication that compute waited for. --json writes the numbers; --plot draws "
-        "time and TFLOP/s against N (matplotlib: the plot extra), sweeping N/8 .. N when "
-        "one N is given. Progress shows on rank 0 (a tqdm bar with the progress extra).",
+        "Time ring attention over the sequence lengths given (median and minimum of "
+        "--repeats calls after one warm-up, the slowest rank counts) and print time, "
+        "GFLOP/s or TFLOP/s and the communication that compute waited for. --peer torch "
+        "also times PyTorch's scaled_dot_product_attention on the whole problem on one "
+        "process. --json writes the numbers; --plot draws time and rate against N, and "
+        "against ranks when the records hold several rank counts (matplotlib: the plot "
+        "extra), sweeping N/8 .. N when one N is given. Progress shows on rank 0 (a tqdm "
+        "bar with the progress extra, else lines on stderr; SEQPAR_LOG=off silences them).",
         "  python -m seqpar run -n 4 -m seqpar bench --seq 16384 --causal\n"
         "  python -m seqpar run -n 2 -m seqpar bench --seq 4096,8192,16384 --dtype bfloat16 "
-        "--json bench.json --plot bench.png")
+        "--json bench.json --plot bench.png\n"
+        "  python -m seqpar run -n 2 -m seqpar bench --seq 8192 --peer torch --plot bench.png")
     bench.add_argument("--seq", default="8192", metavar="N[,N...]", type=_lengths,
                        help="global sequence length(s), comma separated (default 8192)")
     bench.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
@@ -161,11 +183,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", action="store_true", help="use CuPy arrays, one GPU per rank")
     bench.add_argument("--transport", choices=TRANSPORTS, default="auto",
                        help="how GPU blocks move between ranks (default: auto)")
+    bench.add_argument("--peer", choices=["torch"], default=None,
+                       help="also time torch.nn.functional.scaled_dot_product_attention on "
+                            "the same global problem, on one process with the cores of "
+                            "this node's ranks (needs PyTorch)")
     bench.add_argument("--json", metavar="FILE",
                        help="add the results to this JSON file (made if missing; records of "
                             "other rank counts or settings stay, so --plot compares them)")
     bench.add_argument("--plot", metavar="FILE.png",
-                       help="draw time and TFLOP/s against N, every record of --json too "
+                       help="draw time and FLOP/s against N, every record of --json too "
                             "(needs matplotlib)")
     bench.set_defaults(check_options=lambda args: _check_bench(bench, args))
     return parser

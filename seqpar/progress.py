@@ -1,22 +1,31 @@
-"""Progress of a long run, shown by rank 0 only: a tqdm bar on a terminal, plain lines elsewhere.
+"""Progress of a long run, shown by rank 0 only: a tqdm bar on a terminal, else log lines.
 
-``SEQPAR_PROGRESS`` chooses: ``bar`` (tqdm, needs the ``progress`` extra), ``lines``, or
-``off``; by default a bar when tqdm is installed and stderr or stdout is a terminal (Open
-MPI's mpiexec gives ranks a terminal on stdout only; MPICH's on neither), else lines on
-stderr, which read well in batch logs, where a bar's carriage returns do not.
+The lines are records of the ``seqpar.progress`` logger at INFO (:mod:`seqpar.log`, the
+same mechanism as the steps of long calls): they show where seqpar's log is on
+(``python -m seqpar check`` and ``bench`` turn it on; a program calls
+:func:`seqpar.log_to_stderr` or sets ``SEQPAR_LOG=info``), which reads well in batch
+logs, where a bar's carriage returns do not. ``SEQPAR_PROGRESS`` chooses: ``bar``
+(tqdm, needs the ``progress`` extra), ``lines``, or ``off``; by default a bar when tqdm
+is installed and stderr or stdout is a terminal (Open MPI's mpiexec gives ranks a
+terminal on stdout only; MPICH's on neither), else lines. While a bar is shown, seqpar's
+log lines are written above it.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
-import time
 from typing import TextIO
+
+from .log import Steps, logging_to_stderr
 
 __all__ = ["Progress"]
 
-# A plain line at most this often, and at the last step: quick steps stay quiet.
+# A line at most this often, and at the last step: quick steps stay quiet.
 _LINE_INTERVAL_S = 1.0
+_LOG = logging.getLogger(__name__)  # "seqpar.progress"
 
 
 class Progress:
@@ -33,8 +42,9 @@ class Progress:
     comm : mpi4py.MPI.Comm, optional
         Whose rank 0 prints; defaults to ``MPI.COMM_WORLD``.
     stream : file, optional
-        Where progress goes; by default the terminal among stderr and stdout, else
-        stderr. Results given to :meth:`write` go to ``sys.stdout``.
+        Where a bar is drawn; by default the terminal among stderr and stdout. Lines
+        go to the ``seqpar.progress`` logger; results given to :meth:`write` go to
+        ``sys.stdout``.
 
     Examples
     --------
@@ -50,10 +60,12 @@ class Progress:
 
             comm = MPI.COMM_WORLD
         self.total, self.desc, self.done = total, desc, 0
-        self._start = self._last_line = time.perf_counter()
         self._rank0 = comm.rank == 0
         self._mode, self._stream = _choose(stream) if self._rank0 else ("off", stream)
+        self._lines = Steps(_LOG, desc, total, report=self._mode == "lines", after=0.0,
+                            interval=_LINE_INTERVAL_S)
         self._bar = None
+        self._redirect = contextlib.ExitStack()
         if self._mode == "bar":
             from tqdm import tqdm
 
@@ -62,6 +74,7 @@ class Progress:
             size = shutil.get_terminal_size()
             self._bar = tqdm(total=total, desc=desc, file=self._stream, ncols=size.columns,
                              nrows=size.lines)
+            self._redirect.enter_context(_log_above(self._bar))
 
     def update(self, n: int = 1, note: str = "") -> None:
         """``n`` more steps are done; ``note`` says something about the last one."""
@@ -69,13 +82,8 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(note, refresh=False)
             self._bar.update(n)
-        elif self._mode == "lines":
-            now = time.perf_counter()
-            if now - self._last_line >= _LINE_INTERVAL_S or self.done >= self.total:
-                self._last_line = now
-                print(f"{self.desc}: {self.done}/{self.total} "
-                      f"({now - self._start:.1f} s){' ' + note if note else ''}",
-                      file=self._stream, flush=True)
+        else:
+            self._lines.done(n, note)
 
     def write(self, line: str) -> None:
         """Print a result line on rank 0 (to stdout) without breaking the bar."""
@@ -87,6 +95,7 @@ class Progress:
     def close(self) -> None:
         """End the bar (idempotent)."""
         if self._bar is not None:
+            self._redirect.close()
             self._bar.close()
             self._bar = None
 
@@ -95,6 +104,18 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _log_above(bar):
+    """seqpar's log lines on the console written above the bar, not through it
+    (tqdm.contrib.logging, tqdm 4.60 and later; without it lines may cut the bar)."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        return contextlib.nullcontext()
+    if not logging_to_stderr():  # a program's own handlers are its business
+        return contextlib.nullcontext()
+    return logging_redirect_tqdm(loggers=[logging.getLogger("seqpar")], tqdm_class=type(bar))
 
 
 def _choose(stream: TextIO | None) -> tuple[str, TextIO]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import tempfile
 import pytest
 from mpi4py import MPI
 
+import seqpar.log
 from seqpar.cli import main
 from seqpar.progress import Progress
 
@@ -100,6 +102,110 @@ def test_bench_plot_sweeps_n(comm, shared_folder):
         with open(data) as saved:  # N/8, N/4, N/2, N where they split into 2P chunks
             assert [r["seq"] for r in json.load(saved)["records"]] == \
                 [seq // 8, seq // 4, seq // 2, seq]
+
+
+def _bench_records(comm, shared_folder, *extra):
+    """Run bench at this rank count into a JSON file; rank 0 returns its records."""
+    path = os.path.join(shared_folder, "bench.json")
+    seq = 32 * comm.size
+    assert main(["bench", "--seq", f"{seq},{2 * seq}", "--heads", "2", "--kv-heads", "1",
+                 "--head-dim", "8", "--repeats", "3", "--causal", "--json", path, *extra]) == 0
+    if comm.rank == 0:
+        with open(path) as saved:
+            return json.load(saved)["records"]
+    return None
+
+
+@pytest.mark.mpi
+def test_bench_median_and_min_threads_and_device(comm, shared_folder, capsys):
+    records = _bench_records(comm, shared_folder)
+    out = capsys.readouterr().out
+    if comm.rank != 0:
+        return
+    for r in records:
+        assert r["min_s"] == min(r["times_s"]) and r["min_s"] <= r["median_s"]
+        assert r["median_s"] == sorted(r["times_s"])[1]  # the median of 3
+        assert r["threads"] >= 1 and r["device"] == "cpu" and r["device_name"]
+        # a CPU at these sizes is far from a TFLOP/s: the line says GFLOP/s
+        assert f"{r['median_s'] * 1e3:.3g} ms median, {r['min_s'] * 1e3:.3g} ms min (of 3)" in out
+    assert "GFLOP/s in all" in out and "TFLOP/s" not in out
+
+
+def test_bench_rate_units_by_magnitude():
+    from seqpar.commands._common import rate_text, rate_unit
+
+    assert rate_unit(6.8e9) == (1e9, "GFLOP/s") and rate_text(6.84e9) == "6.8 GFLOP/s"
+    assert rate_unit(999e9)[1] == "GFLOP/s"
+    assert rate_unit(1e12) == (1e12, "TFLOP/s") and rate_text(6.2e14) == "620.00 TFLOP/s"
+
+
+@pytest.mark.mpi
+def test_bench_plot_ticks_units_and_legend(comm, shared_folder):
+    """N ticks at the lengths measured, no minor labels, the rate in GFLOP/s, threads
+    and device in the legend; records of another rank count add a panel against ranks
+    with integer ticks."""
+    pytest.importorskip("matplotlib")
+    from seqpar.commands.plot import draw_bench, plot_bench
+
+    records = _bench_records(comm, shared_folder)
+    if comm.rank != 0:
+        return
+    other = [dict(r, ranks=2 * r["ranks"], median_s=r["median_s"] / 1.5) for r in records]
+    for rows in (records, records + other):
+        figure = draw_bench(rows)
+        figure.canvas.draw()  # the tick labels exist once drawn
+        panels = figure.axes
+        assert len(panels) == (2 if rows is records else 3)
+        seqs = sorted({r["seq"] for r in rows})
+        for axes in panels[:2]:
+            labels = [t.get_text() for t in axes.get_xticklabels()]
+            assert labels == [str(n) if n < 1024 else f"{n >> 10}k" for n in seqs]
+            assert axes.xaxis.get_minorticklocs().size == 0
+        for axes in (panels[0], panels[-1]):  # log time axes: no minor labels
+            assert all(t.get_text() == "" for t in axes.get_yticklabels(minor=True))
+            assert all(t.get_text() for t in axes.get_yticklabels())
+        assert panels[1].get_ylabel().startswith("GFLOP/s")
+        legend = [t.get_text() for t in panels[1].get_legend().get_texts()]
+        threads = records[0]["threads"]
+        assert any(f"{comm.size} rank{'s' if comm.size > 1 else ''} \u00d7 {threads} thread"
+                   in text and records[0]["device_name"] in text for text in legend), legend
+        if rows is not records:
+            ranks = sorted({comm.size, 2 * comm.size})
+            assert [t.get_text() for t in panels[2].get_xticklabels()] == [str(r) for r in ranks]
+            assert panels[2].get_xlabel() == "ranks"
+    assert plot_bench(records, os.path.join(shared_folder, "figure")).endswith("figure.png")
+
+
+@pytest.mark.mpi
+def test_bench_peer_torch(comm, shared_folder, capsys):
+    pytest.importorskip("torch")
+    records = _bench_records(comm, shared_folder, "--peer", "torch")
+    out = capsys.readouterr().out
+    if comm.rank != 0:
+        assert out == ""
+        return
+    peers = [r for r in records if r["strategy"] == "torch_sdpa"]
+    ours = [r for r in records if r["strategy"] == "ring_attention"]
+    assert [r["seq"] for r in peers] == [r["seq"] for r in ours]
+    for r in peers:
+        assert r["ranks"] == 1 and r["threads"] >= 1 and r["peer"].startswith("torch ")
+        assert r["min_s"] <= r["median_s"] and r["flops"] == ours[0]["flops"] * (
+            r["seq"] / ours[0]["seq"]) ** 2
+    assert out.count("scaled_dot_product_attention (1 process, ") == len(peers)
+
+
+@pytest.mark.mpi
+def test_bench_peer_torch_without_torch_is_a_usage_error(comm, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # importlib finds no torch
+    assert main(["bench", "--seq", str(16 * comm.size), "--heads", "1", "--head-dim", "8",
+                 "--peer", "torch"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    if comm.rank == 0:
+        assert captured.err == ("python -m seqpar bench: error: argument --peer: torch needs "
+                                "PyTorch, which is not installed (pip install torch)\n")
+    else:
+        assert captured.err == ""
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -194,21 +300,47 @@ def test_without_an_mpi_library_info_says_so_in_one_line():
 
 
 @pytest.mark.parametrize("mode", ["lines", "off"])
-def test_progress_on_rank_0_only(monkeypatch, capsys, mode):
+def test_progress_on_rank_0_only(monkeypatch, capsys, caplog, mode):
+    """Lines are records of the seqpar.progress logger (seqpar's log), on rank 0 only."""
     monkeypatch.setenv("SEQPAR_PROGRESS", mode)
+    caplog.set_level(logging.INFO, logger="seqpar")
     for comm in (MPI.COMM_SELF, _Rank1()):
+        caplog.clear()
         stream = io.StringIO()
         with Progress(3, "work", comm=comm, stream=stream) as progress:
             for step in range(3):
                 progress.update(note=f"step {step}")
             progress.write("result")
-        shown = stream.getvalue()
+        shown = [r.getMessage() for r in caplog.records if r.name == "seqpar.progress"]
         if comm.rank == 0 and mode == "lines":
-            assert shown.rstrip().splitlines()[-1].startswith("work: 3/3 (")
-            assert shown.rstrip().endswith("step 2")
+            assert shown[-1].startswith("work: step 3/3, ")
+            assert shown[-1].endswith("s left (step 2)")
         else:
-            assert shown == ""
+            assert shown == []
+        assert stream.getvalue() == ""  # the stream is for a bar only
         assert capsys.readouterr().out == ("result\n" if comm.rank == 0 else "")
+
+
+@pytest.mark.mpi
+def test_bench_progress_and_long_calls_through_the_log(comm, capsys, monkeypatch):
+    """bench turns seqpar's log on: its progress lines and (the threshold made 0) the
+    steps of each ring call reach stderr on rank 0 only; SEQPAR_LOG=off silences both."""
+    monkeypatch.setenv("SEQPAR_PROGRESS", "lines")
+    monkeypatch.setattr(seqpar.log, "LONG_CALL_S", 0.0)
+    monkeypatch.setattr(seqpar.log, "INTERVAL_S", 0.0)
+    argv = ["bench", "--seq", str(16 * comm.size), "--heads", "1", "--head-dim", "8",
+            "--repeats", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert not seqpar.log.logging_to_stderr()  # main put things back as they were
+    if comm.rank == 0:
+        assert " seqpar.progress: bench: step 2/2, " in err
+        assert f" seqpar.ring: ring_attention: step {comm.size}/{comm.size}, " in err
+    else:
+        assert err == ""
+    monkeypatch.setenv("SEQPAR_LOG", "off")
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""
 
 
 class _Rank1:

@@ -20,13 +20,15 @@ import seqpar
 logger = logging.getLogger(__name__)
 
 GROUPS = ("Attention", "Backward", "Choosing a strategy", "Placing data and devices",
-          "Decoding with a cache", "Plans for repeated calls")
+          "Decoding with a cache", "Plans for repeated calls", "Logging")
 _PLACING = {"shard", "gather", "local_indices", "use_local_device"}
 
 
 def group(name: str) -> str:
     """The section of the API page that documents ``seqpar.<name>``."""
     obj = getattr(seqpar, name)
+    if name == "log_to_stderr":
+        return "Logging"
     if name.endswith("Plan"):
         return "Plans for repeated calls"
     if inspect.isclass(obj):

@@ -7,7 +7,8 @@ from types import ModuleType
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["TOLERANCE", "UsageError", "say", "dtype_for", "array_module"]
+__all__ = ["TOLERANCE", "UsageError", "array_module", "dtype_for", "rate_text", "rate_unit",
+           "say"]
 
 # ||out - ref|| / ||ref|| against float64 (README, "Numerics")
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
@@ -53,3 +54,15 @@ def array_module(gpu: bool) -> ModuleType:
 
     use_local_device()
     return cupy
+
+
+def rate_unit(largest: float) -> tuple[float, str]:
+    """(divisor, name) to show rates up to ``largest`` FLOP/s: TFLOP/s from 1e12 up,
+    else GFLOP/s (a CPU's 0.007 TFLOP/s reads better as 7.0 GFLOP/s)."""
+    return (1e12, "TFLOP/s") if largest >= 1e12 else (1e9, "GFLOP/s")
+
+
+def rate_text(flops_per_s: float) -> str:
+    """A rate in the unit :func:`rate_unit` picks for it, e.g. ``"6.8 GFLOP/s"``."""
+    scale, unit = rate_unit(flops_per_s)
+    return f"{flops_per_s / scale:.{2 if scale == 1e12 else 1}f} {unit}"

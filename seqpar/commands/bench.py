@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 import time
 
@@ -13,9 +14,9 @@ from mpi4py import MPI
 
 from .. import ring_attention
 from ..progress import Progress
-from ._common import UsageError, array_module, dtype_for, say
+from ._common import UsageError, array_module, dtype_for, rate_text, say
 
-__all__ = ["bench"]
+__all__ = ["bench", "device_name", "summary"]
 
 
 def bench(args) -> int:
@@ -39,11 +40,21 @@ def bench(args) -> int:
         return 2
     xp = array_module(args.gpu)
     records = []
-    with Progress(len(seqs) * (1 + args.repeats), "bench", comm=comm) as progress:
+    peer = getattr(args, "peer", None)
+    steps = len(seqs) * (1 + args.repeats + (peer is not None))
+    with Progress(steps, "bench", comm=comm) as progress:
         for n in seqs:
             record = _time_one(comm, xp, args, n, dtype, progress)
             records.append(record)
             progress.write(_line(record))
+            if peer is not None:
+                from .peer import time_peer
+
+                theirs = time_peer(comm, args, n, record["threads"] or 1)
+                progress.update(note=f"N={n} {peer}")
+                if theirs is not None:
+                    records.append(theirs)
+                    progress.write(_line(theirs))
     if comm.rank == 0:
         if args.json:
             records = _merge(earlier, records)
@@ -70,6 +81,12 @@ def _outputs(args) -> list | str:
         wrong = path and _not_writable(path)
         if wrong:
             return f"argument {option}: {path}: {wrong}"
+    if getattr(args, "peer", None):
+        from .peer import peer_problem
+
+        wrong = peer_problem(args.peer, args.gpu)
+        if wrong:
+            return wrong
     if args.plot:
         from .plot import figure_format_problem
 
@@ -109,7 +126,8 @@ def _merge(earlier: list, records: list) -> list:
     key = lambda r: tuple(r.get(name) for name in _SETTINGS)  # noqa: E731
     new = {key(r) for r in records}
     merged = [r for r in earlier if key(r) not in new] + records
-    return sorted(merged, key=lambda r: (r["ranks"], r["dtype"], r["causal"], r["seq"]))
+    return sorted(merged, key=lambda r: (r.get("strategy", ""), r["ranks"], r["dtype"],
+                                         r["causal"], r["seq"]))
 
 
 def _sizes(args, ranks: int) -> list[int]:
@@ -165,14 +183,49 @@ def _time_one(comm, xp, args, n: int, dtype, progress: Progress) -> dict:
         times.append(comm.allreduce(time.perf_counter() - start, op=MPI.MAX))
         exposed.append(comm.allreduce(float(sum(stats.get("exposed_seconds", ()))), op=MPI.MAX))
         progress.update(note=f"N={n} {times[-1] * 1e3:.0f} ms")
-    median = float(np.median(times))
-    flops = 4.0 * n * n * args.heads * args.head_dim / (2 if args.causal else 1)
     return {"strategy": "ring_attention", "ranks": comm.size, "seq": n, "heads": args.heads,
             "kv_heads": kv_heads, "head_dim": args.head_dim, "dtype": args.dtype,
             "causal": args.causal, "layout": args.layout,
-            "device": "gpu" if args.gpu else "cpu", "transport": stats.get("transport"),
-            "times_s": times, "median_s": median, "flops": flops,
-            "tflops": flops / median / 1e12, "exposed_s": float(np.median(exposed))}
+            "device": "gpu" if args.gpu else "cpu", "device_name": device_name(args.gpu),
+            "threads": None if args.gpu else comm.allreduce(_threads_per_rank(), op=MPI.MIN),
+            "transport": stats.get("transport"), **summary(times, n, args),
+            "exposed_s": float(np.median(exposed))}
+
+
+def summary(times: list, n: int, args) -> dict:
+    """The statistics of one measurement: every time, their median and minimum (the
+    median is what the rates use: the minimum alone flatters a noisy machine)."""
+    median = float(np.median(times))
+    flops = 4.0 * n * n * args.heads * args.head_dim / (2 if args.causal else 1)
+    return {"times_s": [float(t) for t in times], "median_s": median,
+            "min_s": float(min(times)), "flops": flops, "tflops": flops / median / 1e12}
+
+
+def device_name(gpu: bool) -> str:
+    """This rank's GPU (CuPy's name for it) or CPU model, short, for legends."""
+    if gpu:
+        import cupy
+
+        name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1] for line in info
+                          if line.startswith("model name")), "")
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "CPU"
+    # "Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz" -> "Intel Xeon Gold 6248"
+    for noise in ("(R)", "(TM)", "(tm)"):
+        model = model.replace(noise, "")
+    model = re.sub(r"\s+(CPU\s+)?@.*$|\s+\d+-Core Processor$|\s+Processor$", "", model.strip())
+    return " ".join(model.split())
+
+
+def _threads_per_rank() -> int:
+    """The threads a rank computes on: the rule of seqpar.local.numpy_kernel's pool."""
+    return int(os.environ.get("SEQPAR_NUM_THREADS", "") or 0) or len(os.sched_getaffinity(0))
 
 
 def _synchronize(xp) -> None:
@@ -181,11 +234,17 @@ def _synchronize(xp) -> None:
 
 
 def _line(r: dict) -> str:
+    times = (f"{r['median_s'] * 1e3:.3g} ms median, {r['min_s'] * 1e3:.3g} ms min "
+             f"(of {len(r['times_s'])}), {rate_text(r['flops'] / r['median_s'])}")
+    if r["strategy"] != "ring_attention":
+        where = f"1 process, {r['threads']} threads" if r["threads"] else "1 process"
+        return (f"{r['peer']} scaled_dot_product_attention ({where}, {r['device_name']}) "
+                f"N={r['seq']} heads={r['heads']}/{r['kv_heads']} d={r['head_dim']} "
+                f"{r['dtype']} causal={r['causal']}: {times}")
     return (f"ring_attention ranks={r['ranks']} N={r['seq']} heads={r['heads']}/{r['kv_heads']} "
             f"d={r['head_dim']} {r['dtype']} causal={r['causal']} layout={r['layout']} "
-            f"transport={r['transport']}: {r['median_s'] * 1e3:.1f} ms "
-            f"(median of {len(r['times_s'])}), {r['tflops']:.3f} TFLOP/s in all, "
-            f"{r['tflops'] / r['ranks'] * 1e3:.1f} GFLOP/s per rank, "
+            f"transport={r['transport']}: {times} in all, "
+            f"{rate_text(r['flops'] / r['median_s'] / r['ranks'])} per rank, "
             f"exposed communication {r['exposed_s'] * 1e3:.1f} ms")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 
@@ -9,6 +10,7 @@ from .. import comms
 from .._interop import accepts_dlpack
 from .._typing import Array, Comm, Gradients, Output, Seqlens, Window
 from ..layout import Placement
+from ..log import Steps
 from ..masks import UNBOUNDED, Mask
 from ..transport import get_transport
 from ..validation import ATTENTION_SETTINGS, agree
@@ -16,6 +18,9 @@ from ._plan import plan_blocks
 from ._prepare import accepts_qkv_format, check_sequence_inputs, prepare
 
 __all__ = ["ring_attention", "ring_attention_backward", "RingSchedule"]
+
+# the steps of long calls, on rank 0 (see seqpar.log); hybrid and the backward run here too
+_LOG = logging.getLogger("seqpar.ring")
 
 
 @accepts_dlpack("q", "k", "v")
@@ -285,6 +290,9 @@ class _Ring:
         """
         comm, steps, mover = self.context.comm, self.schedule.steps, self.mover
         size, sets = comm.size, self._kv_buffers
+        record = comms.current_call()  # the user's call (hybrid's, not its ring's group)
+        log = Steps(_LOG, record.function if record else "ring", len(steps) +
+                    self.schedule.needs_own, report=(record.comm if record else comm).rank == 0)
         with comms.communicating(), mover.exchange() as exchange:
             back = mover.exchange(after=exchange) if returns is not None else None
             try:
@@ -293,6 +301,7 @@ class _Ring:
                 if self.schedule.needs_own:
                     comms.progress("own block")
                     attend(self.own, comm.rank, own_targets, None)
+                    log.done()
                 pending = None  # the step whose gradients travel home
                 for i, step in enumerate(steps):
                     with comms.waiting(f"step {step.shift}: waiting for the transfer",
@@ -319,6 +328,7 @@ class _Ring:
                                    self._blocks_in(returns, step.send) if step.dest is not None
                                    else [], tag=size + step.shift)
                         pending = step
+                    log.done()
                 if back is not None and pending is not None:
                     self._add_home(self._wait_home(back, pending), own_targets, pending.send)
             finally:
