@@ -1,4 +1,4 @@
-"""seqpar's log: the standard :mod:`logging` module, loggers named ``seqpar.*``, silent by default.
+"""seqpar's log: the standard ``logging`` module, loggers named ``seqpar.*``, silent by default.
 
 What it says today: the steps of a long call (``seqpar.ring``: the ring of
 ``ring_attention``, its backward and ``hybrid_attention``), and the progress of the
@@ -66,7 +66,7 @@ def log_to_stderr(level: str | int | None = "INFO") -> None:
     Parameters
     ----------
     level : str or int or None
-        A :mod:`logging` level or its name, case-insensitive (``"INFO"`` shows the
+        A ``logging`` level or its name, case-insensitive (``"INFO"`` shows the
         steps of long calls); ``None`` or ``"off"`` removes the handler and the level.
 
     Raises
