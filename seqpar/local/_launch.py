@@ -115,15 +115,20 @@ def _kind(dtype):
 
 
 def _readable(x, name):
-    """``x`` itself when the kernel can read it in place (last axis contiguous, and for
-    16-bit types 16-byte aligned pointer and strides), else a C-contiguous copy of it
-    (the caller's array is never written either way)."""
+    """``x`` itself when the kernel can read it in place (:func:`reads_in_place`), else
+    a C-contiguous copy of it (the caller's array is never written either way)."""
+    return x if reads_in_place(x) else x.copy()  # a fresh allocation: aligned, contiguous
+
+
+def reads_in_place(x) -> bool:
+    """Whether the kernels read ``x`` where it is: the last axis contiguous, and for
+    16-bit types a 16-byte aligned pointer and strides."""
     item = x.itemsize
     strides = x.strides
     ok = all(s % item == 0 for s in strides) and (x.shape[-1] <= 1 or strides[-1] == item)
     if ok and item == 2:
         ok = x.data.ptr % 16 == 0 and all(s % 16 == 0 for s in strides[:-1])
-    return x if ok else x.copy()  # a fresh allocation: aligned and C-contiguous
+    return ok
 
 
 def _tma_readable(x) -> bool:

@@ -23,7 +23,8 @@ import numpy as np
 
 from ._launch import (_DECODE_MAX_ROWS, BACKWARD_KERNELS, KERNELS, SUPPORTED_HEAD_DIMS,
                       DirectLaunch, _capability, _cupy, _element_strides, _kind, _mask_args,
-                      _readable, _tma_readable, choose_kernel, doc_starts, source)
+                      _readable, _tma_readable, choose_kernel, doc_starts, reads_in_place,
+                      source)
 from .cupy_backward import backward
 
 # GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
@@ -302,7 +303,7 @@ def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None):
     batch, sq, hq, d = q.shape
     hk = k.shape[2]
     rows = sq * (hq // hk)
-    in_place = all(_readable(x, "") is x for x in (q, k, v))
+    in_place = all(reads_in_place(x) for x in (q, k, v))
     def run(q, k, v, key_lengths):
         return forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
                        key_lengths=key_lengths)
