@@ -140,12 +140,14 @@ def _parser() -> argparse.ArgumentParser:
         "  python -m seqpar info\n  python -m seqpar run -n 2 -m seqpar info")
 
     check = add(
-        "check", "every strategy against a float64 softmax",
+        "check", "every strategy and backward against float64",
         "Run every strategy on small random problems and compare each with a float64 "
-        "softmax: attention (one rank's whole problem), ring attention (contiguous and "
-        "zigzag layouts), K/V-sharded attention, and Ulysses attention (when the 8 query "
-        "and 4 K/V heads divide by the number of ranks), causal and not, in every dtype "
-        "(bfloat16 needs ml_dtypes). Exit status 1 if any error is over its tolerance.",
+        "softmax, and each backward with float64 gradients: attention (one rank's whole "
+        "problem), ring attention (contiguous and zigzag layouts), K/V-sharded attention, "
+        "Ulysses attention (when the 8 query and 4 K/V heads divide by the number of "
+        "ranks) and the hybrid (with the smallest group of more than one rank that "
+        "divides the ranks and heads), causal and not, in every dtype (bfloat16 needs "
+        "ml_dtypes). Exit status 1 if any error is over its tolerance.",
         "  python -m seqpar run -n 4 -m seqpar check\n"
         "  python -m seqpar run -n 2 -m seqpar check --gpu --transport staged")
     check.add_argument("--gpu", action="store_true", help="use CuPy arrays, one GPU per rank")

@@ -40,10 +40,12 @@ def test_check_covers_every_strategy(comm, capsys):
     if comm.rank != 0:
         assert out == ""
         return
-    for name in ("attention", "ring/contiguous", "ring/zigzag", "kv_sharded"):
+    for name in ("attention", "ring/contiguous", "ring/zigzag", "kv_sharded",
+                 "attention backward", "ring/zigzag backward", "kv_sharded backward"):
         assert f"ok   {name} " in out
     if 8 % comm.size == 0:
         assert "ok   ulysses " in out
+        assert "ok   ulysses backward " in out
     else:
         assert f"skip ulysses: its 8 query and 4 K/V heads do not divide by {comm.size}" in out
     # the hybrid, forward and backward, with the smallest group U > 1 that divides the

@@ -1,5 +1,5 @@
-"""``seqpar check``: every strategy against a float64 softmax (the hybrid's backward
-against float64 gradients too), on small random problems."""
+"""``seqpar check``: every strategy against a float64 softmax, and every backward
+against float64 gradients, on small random problems."""
 from __future__ import annotations
 
 from typing import Callable
@@ -9,13 +9,17 @@ from mpi4py import MPI
 
 from .. import (
     attention,
+    attention_backward,
     gather,
     hybrid_attention,
     hybrid_attention_backward,
     kv_sharded_attention,
+    kv_sharded_attention_backward,
     ring_attention,
+    ring_attention_backward,
     shard,
     ulysses_attention,
+    ulysses_attention_backward,
 )
 from ..progress import Progress
 from ._common import TOLERANCE, UsageError, array_module, dtype_for, say
@@ -93,6 +97,28 @@ def _strategies(size: int, transport: str, notes: list) -> list[tuple[str, Calla
                                 transport=transport)
         return gather(out)
 
+    def local_backward(q, k, v, dout, causal, stats):
+        out, lse = attention(q, k, v, causal=causal, return_lse=True)
+        return attention_backward(dout, q, k, v, out, lse, causal=causal)
+
+    def sequence_backward(forward, backward, layout):
+        """A sharded strategy's backward (ring, Ulysses): gradients gathered."""
+        def run(q, k, v, dout, causal, stats):
+            parts = [shard(x, layout=layout) for x in (q, k, v, dout)]
+            opts = {"causal": causal, "layout": layout, "transport": transport}
+            out, lse = forward(*parts[:3], return_lse=True, **opts)
+            grads = backward(parts[3], *parts[:3], out, lse, **opts)
+            return tuple(gather(g, layout=layout) for g in grads)
+        return run
+
+    def kv_sharded_backward(q, k, v, dout, causal, stats):
+        # dq the same on every rank; dk, dv this rank's key slice
+        ks, vs = shard(k), shard(v)
+        out, lse = kv_sharded_attention(q, ks, vs, transport=transport, return_lse=True)
+        dq, dk, dv = kv_sharded_attention_backward(dout, q, ks, vs, out, lse,
+                                                   transport=transport)
+        return dq, gather(dk), gather(dv)
+
     def hybrid(u, backward):
         # zigzag: the grouped placement of the ring across groups is the least obvious part
         def run(q, k, v, dout, causal, stats):
@@ -106,13 +132,21 @@ def _strategies(size: int, transport: str, notes: list) -> list[tuple[str, Calla
             return tuple(gather(g, layout="zigzag") for g in grads)
         return run
 
-    forward = _softmax_reference
+    forward, gradients = _softmax_reference, _gradient_reference
     found = [("attention", local, True, forward),
+             ("attention backward", local_backward, True, gradients),
              ("ring/contiguous", ring("contiguous"), True, forward),
              ("ring/zigzag", ring("zigzag"), True, forward),
-             ("kv_sharded", kv_sharded, False, forward)]
+             ("ring/zigzag backward",
+              sequence_backward(ring_attention, ring_attention_backward, "zigzag"), True,
+              gradients),
+             ("kv_sharded", kv_sharded, False, forward),
+             ("kv_sharded backward", kv_sharded_backward, False, gradients)]
     if HEADS % size == 0 and KV_HEADS % size == 0:
-        found.append(("ulysses", ulysses, True, forward))
+        found += [("ulysses", ulysses, True, forward),
+                  ("ulysses backward",
+                   sequence_backward(ulysses_attention, ulysses_attention_backward,
+                                     "contiguous"), True, gradients)]
     else:
         notes.append(f"skip ulysses: its {HEADS} query and {KV_HEADS} K/V heads do not "
                      f"divide by {size} ranks")
@@ -122,7 +156,7 @@ def _strategies(size: int, transport: str, notes: list) -> list[tuple[str, Calla
     if groups:
         u = groups[0]
         found += [(f"hybrid/U={u}", hybrid(u, False), True, forward),
-                  (f"hybrid/U={u} backward", hybrid(u, True), True, _gradient_reference)]
+                  (f"hybrid/U={u} backward", hybrid(u, True), True, gradients)]
     else:
         notes.append(f"skip hybrid: no group of U > 1 ranks divides the {size} rank(s), "
                      f"{HEADS} query heads and {KV_HEADS} K/V heads (U = 1 is the ring)")
