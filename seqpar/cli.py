@@ -158,16 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         "bench", "time ring attention; sweep N, write JSON, draw a figure",
         "Time ring attention over the sequence lengths given (median and minimum of "
         "--repeats calls after one warm-up, the slowest rank counts) and print time, "
-        "GFLOP/s or TFLOP/s and the communication that compute waited for. --peer torch "
-        "also times PyTorch's scaled_dot_product_attention on the whole problem on one "
-        "process. --json writes the numbers; --plot draws time and rate against N, and "
+        "GFLOP/s or TFLOP/s and the communication that compute waited for. --json writes the numbers; --plot draws time and rate against N, and "
         "against ranks when the records hold several rank counts (matplotlib: the plot "
         "extra), sweeping N/8 .. N when one N is given. Progress shows on rank 0 (a tqdm "
         "bar with the progress extra, else lines on stderr; SEQPAR_LOG=off silences them).",
         "  python -m seqpar run -n 4 -m seqpar bench --seq 16384 --causal\n"
         "  python -m seqpar run -n 2 -m seqpar bench --seq 4096,8192,16384 --dtype bfloat16 "
         "--json bench.json --plot bench.png\n"
-        "  python -m seqpar run -n 2 -m seqpar bench --seq 8192 --peer torch --plot bench.png")
+        "  (then python benchmarks/torch_peer.py --json bench.json --plot bench.png adds "
+        "PyTorch's SDPA as a dashed peer line)")
     bench.add_argument("--seq", default="8192", metavar="N[,N...]", type=_lengths,
                        help="global sequence length(s), comma separated (default 8192)")
     bench.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
@@ -185,10 +184,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--gpu", action="store_true", help="use CuPy arrays, one GPU per rank")
     bench.add_argument("--transport", choices=TRANSPORTS, default="auto",
                        help="how GPU blocks move between ranks (default: auto)")
-    bench.add_argument("--peer", choices=["torch"], default=None,
-                       help="also time torch.nn.functional.scaled_dot_product_attention on "
-                            "the same global problem, on one process with the cores of "
-                            "this node's ranks (needs PyTorch)")
     bench.add_argument("--json", metavar="FILE",
                        help="add the results to this JSON file (made if missing; records of "
                             "other rank counts or settings stay, so --plot compares them)")

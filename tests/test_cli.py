@@ -5,6 +5,7 @@ check and bench are collective (marked mpi): every rank runs them, rank 0 prints
 from __future__ import annotations
 
 import io
+import importlib.util
 import json
 import logging
 import os
@@ -178,14 +179,28 @@ def test_bench_plot_ticks_units_and_legend(comm, shared_folder):
     assert plot_bench(records, os.path.join(shared_folder, "figure")).endswith("figure.png")
 
 
+def _torch_peer_script():
+    """benchmarks/torch_peer.py as a module (PyTorch lives there, not in seqpar)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "torch_peer.py")
+    spec = importlib.util.spec_from_file_location("torch_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.mpi
 def test_bench_peer_torch(comm, shared_folder, capsys):
     pytest.importorskip("torch")
-    records = _bench_records(comm, shared_folder, "--peer", "torch")
-    out = capsys.readouterr().out
+    _bench_records(comm, shared_folder)
+    capsys.readouterr()
     if comm.rank != 0:
-        assert out == ""
         return
+    path = os.path.join(shared_folder, "bench.json")
+    assert _torch_peer_script().main(["--json", path, "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    with open(path) as saved:
+        records = json.load(saved)["records"]
     peers = [r for r in records if r["strategy"] == "torch_sdpa"]
     ours = [r for r in records if r["strategy"] == "ring_attention"]
     assert [r["seq"] for r in peers] == [r["seq"] for r in ours]
@@ -197,17 +212,19 @@ def test_bench_peer_torch(comm, shared_folder, capsys):
 
 
 @pytest.mark.mpi
-def test_bench_peer_torch_without_torch_is_a_usage_error(comm, capsys, monkeypatch):
+def test_bench_peer_torch_without_torch_is_a_usage_error(comm, shared_folder, capsys,
+                                                         monkeypatch):
+    _bench_records(comm, shared_folder)
+    capsys.readouterr()
+    if comm.rank != 0:
+        return
+    script = _torch_peer_script()
     monkeypatch.setitem(sys.modules, "torch", None)  # importlib finds no torch
-    assert main(["bench", "--seq", str(16 * comm.size), "--heads", "1", "--head-dim", "8",
-                 "--peer", "torch"]) == 2
+    assert script.main(["--json", os.path.join(shared_folder, "bench.json")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    if comm.rank == 0:
-        assert captured.err == ("python -m seqpar bench: error: argument --peer: torch needs "
-                                "PyTorch, which is not installed (pip install torch)\n")
-    else:
-        assert captured.err == ""
+    assert captured.err == ("torch_peer: needs PyTorch, which is not installed "
+                            "(pip install torch)\n")
 
 
 @pytest.mark.parametrize("argv, message", [

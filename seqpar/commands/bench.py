@@ -40,21 +40,11 @@ def bench(args) -> int:
         return 2
     xp = array_module(args.gpu)
     records = []
-    peer = getattr(args, "peer", None)
-    steps = len(seqs) * (1 + args.repeats + (peer is not None))
-    with Progress(steps, "bench", comm=comm) as progress:
+    with Progress(len(seqs) * (1 + args.repeats), "bench", comm=comm) as progress:
         for n in seqs:
             record = _time_one(comm, xp, args, n, dtype, progress)
             records.append(record)
             progress.write(_line(record))
-            if peer is not None:
-                from .peer import time_peer
-
-                theirs = time_peer(comm, args, n, record["threads"] or 1)
-                progress.update(note=f"N={n} {peer}")
-                if theirs is not None:
-                    records.append(theirs)
-                    progress.write(_line(theirs))
     if comm.rank == 0:
         if args.json:
             records = _merge(earlier, records)
@@ -81,12 +71,6 @@ def _outputs(args) -> list | str:
         wrong = path and _not_writable(path)
         if wrong:
             return f"argument {option}: {path}: {wrong}"
-    if getattr(args, "peer", None):
-        from .peer import peer_problem
-
-        wrong = peer_problem(args.peer, args.gpu)
-        if wrong:
-            return wrong
     if args.plot:
         from .plot import figure_format_problem
 
