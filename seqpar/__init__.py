@@ -8,6 +8,7 @@ from .log import _from_environment, log_to_stderr
 from .plans import AttentionPlan
 from .strategies.auto import choose_strategy, sequence_parallel_attention
 from .strategies.hybrid import hybrid_attention, hybrid_attention_backward
+from .strategies.kv_plan import KVShardedPlan
 from .strategies.kv_sharded import kv_sharded_attention, kv_sharded_attention_backward
 from .strategies.local import attention, attention_backward
 from .strategies.ring import ring_attention, ring_attention_backward
@@ -15,6 +16,7 @@ from .strategies.ulysses import ulysses_attention, ulysses_attention_backward
 
 __all__ = [
     "AttentionPlan",
+    "KVShardedPlan",
     "ShardedKVCache",
     "attention",
     "attention_backward",

@@ -32,7 +32,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["capturing", "graph_memory", "keep_for_graph", "device_constant",
+__all__ = ["capturing", "graph_memory", "keep_for_graph", "device_constant", "workspace",
            "release_graph_memory", "graph_memory_bytes"]
 
 _kept: list = []          # what captured calls use: device memory, pinned buffers, arrays
@@ -75,6 +75,29 @@ def keep_for_graph(*objects) -> None:
     the graph memory, whatever becomes of the cache that holds them."""
     with _lock:
         _kept.extend(objects)
+
+
+def workspace(store: dict, like, make):
+    """The buffers ``make()`` returns, made once per CUDA stream (once on the CPU) and
+    kept in ``store`` for later calls on arrays like ``like``; while the current stream
+    captures a graph, made afresh (from the graph's kept memory): replays write them
+    long after the call returned, and a direct call on the stream must not meet them."""
+    if type(like).__module__.split(".")[0] != "cupy":
+        buffers = store.get(None)
+        if buffers is None:
+            buffers = store[None] = make()
+        return buffers
+    import cupy
+
+    stream = cupy.cuda.get_current_stream()
+    if stream.is_capturing():
+        return make()
+    buffers = store.get(stream.ptr)
+    if buffers is None:
+        if len(store) >= 8:  # streams come and go: keep a few
+            store.clear()
+        buffers = store[stream.ptr] = make()
+    return buffers
 
 
 def device_constant(values: np.ndarray, device_id: int):

@@ -34,7 +34,7 @@ import numpy as np
 from ._arrays import array_module
 
 __all__ = ["CARRY_DTYPE", "new_carry", "carried_lse", "carry_parts", "merge_into",
-           "merge_weights"]
+           "merge_weights", "sum_weights", "normalise_sums", "sums_lse"]
 
 CARRY_DTYPE = np.dtype(np.float64)
 
@@ -118,3 +118,42 @@ def merge_into(out, lse, block_out, block_lse) -> None:
 def _per_row(weights):
     """(..., H, S) -> (..., S, H, 1), to scale outputs of shape (..., S, H, D)."""
     return weights.swapaxes(-1, -2)[..., None]
+
+
+# -- the merge of every rank's slice at once (K/V-sharded attention) ---------------------
+#
+# Each rank holds (o_r, lse_r) over its own keys. With M the largest lse over the ranks
+# (an Allreduce(MAX)), w_r = exp(lse_r - M) lies in [0, the rank's key count]; the sums
+# over the ranks of w_r * o_r and of w_r (one Allreduce(SUM) of both, packed) give
+# out = sum(w_r o_r) / sum(w_r) and lse = M + log(sum(w_r)). The GPU backend runs the same
+# three steps as fused kernels (seqpar/local/cupy_merge.py).
+
+def sum_weights(top, rest, global_max, weights) -> None:
+    """Write w = exp(lse - M) of this rank's rows into ``weights``.
+
+    ``(top, rest)`` is this rank's carry (:func:`carry_parts`), ``global_max`` M, the
+    Allreduce(MAX) of ``top`` (float64, (B, H, S)). The gap is formed as ``(top - M) +
+    rest``, exact at any magnitude (the difference of two computed scores); a rank that
+    saw no key has weight 0, and where no rank did M is -inf, taken as 0.
+    """
+    xp = array_module(global_max)
+    finite_max = xp.where(global_max == -np.inf, 0, global_max)
+    weights[...] = xp.exp((top - finite_max) + rest)
+
+
+def normalise_sums(numerators, denominators) -> None:
+    """``numerators`` (B, S, H, D) divided in place by ``denominators`` (B, H, S), the
+    summed weights; rows of denominator 0 (no key anywhere) stay 0."""
+    xp = array_module(denominators)
+    safe = xp.where(denominators > 0, denominators, 1)
+    numerators /= _per_row(safe)
+
+
+def sums_lse(denominators, global_max, lse) -> None:
+    """The merged lse, M + log(sum of weights), into ``lse`` (B, H, S); -inf where no
+    rank saw a key."""
+    xp = array_module(denominators)
+    seen = denominators > 0
+    finite_max = xp.where(global_max == -np.inf, 0, global_max)
+    safe = xp.where(seen, denominators, 1).astype(CARRY_DTYPE)
+    lse[...] = xp.where(seen, finite_max + xp.log(safe), -np.inf)

@@ -171,6 +171,11 @@ def cached_attention(q, k, v, causal, softmax_scale, return_lse, window, seqlens
 
 
 def clear_plan_cache() -> None:
-    """Forget the plans :func:`seqpar.attention` keeps (they hold workspaces)."""
+    """Forget the plans :func:`seqpar.attention` and :func:`seqpar.kv_sharded_attention`
+    keep (they hold workspaces). A rank may clear alone: its next K/V-sharded call is
+    then not planned, and every rank makes the full call with it."""
+    from .strategies.kv_plan import clear_kv_plans  # the strategies import this module
+
     with _cache_lock:
         _cache.clear()
+    clear_kv_plans()

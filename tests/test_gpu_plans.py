@@ -116,3 +116,108 @@ def test_cache_is_bounded_and_clears(rng):
     assert len(plans._cache) == plans._CACHE_SIZE
     plans.clear_plan_cache()
     assert not plans._cache
+
+
+# ------------------------------------------- K/V-sharded plans (KVShardedPlan, the cache)
+
+KV_CASES = {  # keys per rank; rows = sq * hq / hk <= 64 runs the decode kernel (16-bit)
+    "decode GQA": {"sq": 1, "sk": 3000, "hq": 32, "hk": 8, "d": 128},
+    "decode 4 queries": {"sq": 4, "sk": 1000, "hq": 16, "hk": 4, "d": 64},
+    "forward kernel": {"sq": 80, "sk": 300, "hq": 8, "hk": 4, "d": 128},
+}
+
+
+def _kv_problem(rng, comm, dtype, c, lengths):
+    """Global q, k, v; this rank's slices on the GPU; device key lengths (rank 0's second
+    row empty) or None; and which global keys each batch row sees."""
+    q, k, v = random_qkv(rng, dtype, b=2, sq=c["sq"], sk=c["sk"] * comm.size, hq=c["hq"],
+                         hk=c["hk"], d=c["d"])
+    mine = slice(c["sk"] * comm.rank, c["sk"] * (comm.rank + 1))
+    parts = [cupy.asarray(q), cupy.asarray(k[:, mine]), cupy.asarray(v[:, mine])]
+    fill = np.array([c["sk"], (c["sk"] // 3) * (comm.rank % 2)])
+    key_lengths = cupy.asarray(fill, dtype=cupy.int32) if lengths else None
+    visible = np.zeros((2, k.shape[1]), bool)
+    for r, n in enumerate(comm.allgather(fill if lengths else np.array([c["sk"]] * 2))):
+        for b in range(2):
+            visible[b, c["sk"] * r:c["sk"] * r + n[b]] = True
+    return (q, k, v), parts, key_lengths, visible
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", sorted(KV_CASES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("lengths", [False, True])
+def test_kv_sharded_plan_equals_full_call(rng, case, dtype, lengths):
+    """Planned and cached calls give the bytes of the full call (check_finite=True is
+    never planned), outputs poisoned between calls; then the float64 reference."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    seqpar.use_local_device()
+    (q, k, v), (gq, gk, gv), key_lengths, visible = _kv_problem(rng, comm, dtype,
+                                                                 KV_CASES[case], lengths)
+    plan = seqpar.KVShardedPlan(gq, gk, gv, return_lse=True, key_lengths=key_lengths)
+    want = seqpar.kv_sharded_attention(gq, gk, gv, return_lse=True, key_lengths=key_lengths,
+                                       check_finite=True)
+    for call in [lambda: plan(gq, gk, gv, key_lengths=key_lengths)] * 3 + [
+            lambda: seqpar.kv_sharded_attention(gq, gk, gv, return_lse=True,
+                                                key_lengths=key_lengths)] * 3:
+        out, lse = call()
+        assert _same(out, want[0]) and _same(lse, want[1])
+        out.view(cupy.uint8).fill(0xFF)  # a later call must write everything again
+    host, host_lse = want[0].get(), want[1].get()
+    for b in range(2):
+        check_attention(host[b:b + 1], q[b:b + 1], k[b:b + 1, visible[b]],
+                        v[b:b + 1, visible[b]], lse=host_lse[b:b + 1])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_kv_sharded_at_one_rank_is_attention(rng, dtype):
+    """One rank: the local pass is everything (no merge): seqpar.attention's bytes."""
+    from mpi4py import MPI
+
+    q, k, v = random_qkv(rng, dtype, b=1, sq=1, sk=4096, hq=32, hk=8, d=128)
+    gq, gk, gv = (cupy.asarray(x) for x in (q, k, v))
+    lengths = cupy.asarray([3000], dtype=cupy.int32)
+    want = seqpar.attention(gq, gk, gv, key_lengths=lengths, return_lse=True)
+    plan = seqpar.KVShardedPlan(gq, gk, gv, comm=MPI.COMM_SELF, key_lengths=lengths,
+                                return_lse=True)
+    for got in (plan(gq, gk, gv, key_lengths=lengths),
+                seqpar.kv_sharded_attention(gq, gk, gv, comm=MPI.COMM_SELF, return_lse=True,
+                                            key_lengths=lengths)):
+        assert _same(got[0], want[0]) and _same(got[1], want[1])
+    check_attention(want[0].get(), q, k[:, :3000], v[:, :3000], lse=want[1].get())
+
+
+def test_fused_merge_steps_equal_the_ufuncs(rng):
+    """seqpar/local/cupy_merge.py's kernels against seqpar.merge's steps run with CuPy's
+    ufuncs on the same arrays (bitwise: the same operations), with -inf rows (a rank
+    without keys, no rank with keys), then against NumPy's within float rounding."""
+    from seqpar import merge
+    from seqpar.local import cupy_merge
+
+    b, s, h, d = 2, 3, 8, 64
+    top = rng.standard_normal((b, h, s)) * 50
+    top[0, :2] = -np.inf
+    gmax = np.maximum(top, rng.standard_normal((b, h, s)) * 50)
+    gmax[0, 0] = -np.inf  # no rank saw a key: top is -inf there too
+    num = rng.standard_normal((b, s, h, d)).astype(np.float32)
+    results = {}
+    for name, module, xp in (("fused", cupy_merge, cupy), ("ufuncs", merge, cupy),
+                             ("numpy", merge, np)):
+        t, g, n = (xp.asarray(x) for x in (top, gmax, num))
+        den = xp.empty((b, h, s), np.float32)
+        lse = xp.empty((b, h, s), np.float32)
+        module.sum_weights(t, 0.0, g, den)
+        n *= den.transpose(0, 2, 1)[..., None]
+        module.normalise_sums(n, den)
+        module.sums_lse(den, g, lse)
+        results[name] = [cupy.asnumpy(x) for x in (den, n, lse)]
+    for got, want in zip(results["fused"], results["ufuncs"]):
+        assert got.tobytes() == want.tobytes()
+    for got, want in zip(results["fused"], results["numpy"]):
+        assert np.array_equal(np.isfinite(got), np.isfinite(want))
+        fin = np.isfinite(want)
+        assert np.allclose(got[fin], want[fin], rtol=1e-6, atol=0)
+        assert np.array_equal(got[~fin], want[~fin])
+    assert (results["fused"][0][0, :2] == 0).all() and results["fused"][2][0, 0, 0] == -np.inf

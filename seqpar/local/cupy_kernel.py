@@ -26,13 +26,14 @@ from ._launch import (_DECODE_MAX_ROWS, BACKWARD_KERNELS, KERNELS, SUPPORTED_HEA
                       _readable, _tma_readable, choose_kernel, doc_starts, reads_in_place,
                       source)
 from .cupy_backward import backward
+from .cupy_merge import normalise_sums, sum_weights, sums_lse
 
 # GPU scores are float32 at most: a plain float64 lse carries them exactly (seqpar.merge)
 SPLIT_CARRY = False
 
 __all__ = ["SPLIT_CARRY", "forward", "plan_forward", "backward", "backward_delta",
-           "choose_kernel", "KERNELS",
-           "BACKWARD_KERNELS", "SUPPORTED_HEAD_DIMS"]
+           "choose_kernel", "KERNELS", "BACKWARD_KERNELS", "SUPPORTED_HEAD_DIMS",
+           "sum_weights", "normalise_sums", "sums_lse"]
 
 
 # head_dim -> (warps per block, 16-row atoms per warp, key tile, cp.async
@@ -289,14 +290,19 @@ def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_off
     return out, lse
 
 
-def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None):
-    """A callable ``(q, k, v, key_lengths) -> (out, lse)`` that runs :func:`forward` for
-    arrays like these (same shapes, strides, dtypes, device) with these settings.
+def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None):
+    """A callable ``(q, k, v, key_lengths, out=None, lse=None) -> (out, lse)`` that runs
+    :func:`forward` for arrays like these (same shapes, strides, dtypes, device) with
+    these settings.
+
+    ``out_dtype`` is the dtype of the output later calls get (q's by default) or pass:
+    float32 for the accumulator of a merge (K/V-sharded attention). ``out`` and ``lse``
+    given to a call must be C-contiguous, of that dtype and float64.
 
     Where the decode kernel runs and reads the operands in place, the plan holds its
     two launches with their parameters built (:class:`DirectLaunch`) and its workspace
-    per stream: a call allocates out and lse, writes eight pointers and launches.
-    Elsewhere (and for operands whose data is not 16-byte aligned) it calls
+    per stream: a call allocates out and lse (unless given), writes eight pointers and
+    launches. Elsewhere (and for operands whose data is not 16-byte aligned) it calls
     :func:`forward`: the kernel's own checks, then the launch.
     """
     kind, dev = _kind(q.dtype), q.device.id
@@ -304,31 +310,35 @@ def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None):
     hk = k.shape[2]
     rows = sq * (hq // hk)
     in_place = all(reads_in_place(x) for x in (q, k, v))
-    def run(q, k, v, key_lengths):
+    out16 = np.dtype(q.dtype if out_dtype is None else out_dtype) != np.float32
+
+    def run(q, k, v, key_lengths, out=None, lse=None):
         return forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
-                       key_lengths=key_lengths)
+                       key_lengths=key_lengths, out=out, lse=lse)
 
     if not (in_place and kind in ("f16", "bf16") and d in SUPPORTED_HEAD_DIMS and batch * hq
             and sq and k.shape[1] and choose_kernel(q.dtype, d, _capability(dev), rows=rows)
             == "decode"):
         return run
-    return _PlannedDecode(q, k, v, scale, mask, q_offset, key_lengths, kind, dev, run)
+    return _PlannedDecode(q, k, v, scale, mask, q_offset, key_lengths, kind, dev, run, out16)
 
 
 class _PlannedDecode:
     """The decode kernel's launches for one shape (see :func:`plan_forward`)."""
 
-    def __init__(self, q, k, v, scale, mask, q_offset, key_lengths, kind, dev, unplanned):
+    def __init__(self, q, k, v, scale, mask, q_offset, key_lengths, kind, dev, unplanned,
+                 out16=True):
         cupy = _cupy()
         batch, sq, hq, d = q.shape
         hk = k.shape[2]
         masked = mask is not None or key_lengths is not None
         fn, combine, smem, splits, groups, key_groups = _decode_geometry(
-            q.shape, k.shape, masked, kind, True, dev)
+            q.shape, k.shape, masked, kind, out16, dev)
         self._parts = ((splits, batch, hk, 16 * groups, d), (splits, batch, hk, 16 * groups))
-        self._out = (q.shape, q.dtype, (batch, hq, sq))
+        self._out = (q.shape, q.dtype if out16 else np.dtype(np.float32), (batch, hq, sq))
         self._workspace: dict = {}  # stream -> (o_part, lse_part)
-        out = cupy.empty(q.shape, q.dtype)
+        # the parameter blocks are built for C-contiguous out and lse, as allocated here
+        out = cupy.empty(q.shape, self._out[1])
         lse = cupy.empty((batch, hq, sq), np.float64)
         o_part, lse_part = (cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
                                                                           np.float64)))
@@ -349,17 +359,19 @@ class _PlannedDecode:
         self._device = dev
         self._lock = threading.Lock()  # the parameter blocks, from writing to launching
 
-    def __call__(self, q, k, v, key_lengths):
+    def __call__(self, q, k, v, key_lengths, out=None, lse=None):
         cupy = _cupy()
         if (q.data.ptr | k.data.ptr | v.data.ptr) % 16 or \
                 cupy.cuda.runtime.getDevice() != self._device:
             # strides fit, a pointer may not (forward copies what it must); or another
             # device is current (forward launches on q's)
-            return self._unplanned(q, k, v, key_lengths)
+            return self._unplanned(q, k, v, key_lengths, out=out, lse=lse)
         shape, dtype, lse_shape = self._out
         stream = cupy.cuda.get_current_stream()
-        out = cupy.empty(shape, dtype)
-        lse = cupy.empty(lse_shape, np.float64)
+        if out is None:
+            out = cupy.empty(shape, dtype)
+        if lse is None:
+            lse = cupy.empty(lse_shape, np.float64)
         if stream.is_capturing():  # the graph keeps what it writes (seqpar.graphs)
             parts = tuple(cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
                                                                           np.float64)))

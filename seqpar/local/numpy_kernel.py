@@ -17,9 +17,10 @@ import numpy as np
 
 from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
-from ..merge import CARRY_DTYPE, merge_weights
+from ..merge import CARRY_DTYPE, merge_weights, normalise_sums, sum_weights, sums_lse
 
-__all__ = ["SPLIT_CARRY", "forward", "backward", "backward_delta", "visible_key_range"]
+__all__ = ["SPLIT_CARRY", "forward", "plan_forward", "backward", "backward_delta",
+           "visible_key_range", "sum_weights", "normalise_sums", "sums_lse"]
 
 # The carry between merges keeps (row max, log of the sum) apart (seqpar.merge): with
 # float64 scores the weights then stay exact at any score magnitude.
@@ -46,6 +47,17 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
             for b, h, p0, p1 in _row_tiles(q, k)]
     run_jobs(jobs)
     return out, lse
+
+
+def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None):
+    """A callable ``(q, k, v, key_lengths, out=None, lse=None) -> (out, lse)`` running
+    :func:`forward` with these settings (the CPU has nothing to prepare per shape;
+    ``out_dtype`` is that of the ``out`` later calls pass, or q's)."""
+    def run(q, k, v, key_lengths, out=None, lse=None):
+        return forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
+                       key_lengths=key_lengths, out=out, lse=lse)
+
+    return run
 
 
 def _row_tiles(q, k):

@@ -1,22 +1,18 @@
 """K/V-sharded attention: the same queries everywhere, K/V split; one merge by Allreduce."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import comms
 from .._interop import accepts_dlpack
 from .._typing import Array, Comm, Gradients, Output
-from ..merge import CARRY_DTYPE, carry_parts
+from ..graphs import capturing
 from ..transport import get_transport
-from ..validation import ATTENTION_SETTINGS, agree, check_attention_inputs, check_backward_inputs
-from ._prepare import accepts_qkv_format, check_finite_arrays, check_key_lengths, prepare
+from ..validation import agree, check_backward_inputs
+from ._prepare import accepts_qkv_format, prepare
+from .kv_plan import AGREE as _AGREE
+from .kv_plan import channel_of, full_agreement, full_check, plan_key
 
 __all__ = ["kv_sharded_attention", "kv_sharded_attention_backward"]
-
-# the key length may differ across ranks (an empty slice is fine); all else must agree,
-# the number of queries too (the Allreduces add one buffer of that size)
-_AGREE = tuple(name for name in ATTENTION_SETTINGS
-               if name not in ("window", "seqlens")) + ("q length",)
 
 
 @accepts_dlpack("q", "k", "v", "key_lengths")
@@ -66,57 +62,41 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
         (out, lse) when ``return_lse``.
     """
     with comms.call(comm, "kv_sharded_attention", tag) as context:
-        comm = context.comm
+        record = comms.current_call()
+        # a call made for a dispatcher (sequence_parallel_attention) agrees on its choice
+        # first, and a check_finite one reads every input: those are never planned
+        plain = record.dispatch is None and check_finite is False
+        channel = channel_of(context, create=False) if record.dispatch is None else None
+        key = None
+        if channel is not None:  # every rank has one: their calls so far were the same
+            execution, lengths = None, None
+            try:
+                if plain and record.deferred is None:
+                    key = plan_key(q, k, v, key_lengths, softmax_scale, return_lse, transport,
+                                   qkv_format) + (capturing(q),)
+                    execution = channel.plans.get(key)
+                    if execution is not None:
+                        lengths = execution.lengths(k, key_lengths)
+            except Exception:  # noqa: BLE001 - not planned here: the full check names it
+                execution = None
+            if channel.agree(execution is not None,
+                             0 if execution is None else execution.fingerprint):
+                record.agreed = True
+                return execution.call(q, k, v, lengths)
 
         def check():
-            settings = check_attention_inputs(q, k, v, softmax_scale=softmax_scale,
-                                              transport=transport, comm=context,
-                                              check_finite=check_finite, qkv_format=qkv_format)
-            p = prepare(q, k, v, softmax_scale)
-            settings["key_lengths"] = check_key_lengths(key_lengths, p.q.shape[0],
-                                                        p.k.shape[1], p.xp)
-            if check_finite:
-                check_finite_arrays(q=q, k=k, v=v)
-            return settings
+            return full_check(context, q, k, v, key_lengths, softmax_scale, transport,
+                              check_finite, qkv_format)
 
-        def acquire(settings):
-            p = prepare(q, k, v, softmax_scale)
-            # one buffer for one Allreduce: numerators (B, Sq, Hq, D), then denominators
-            sums = p.xp.empty(int(np.prod(p.q.shape)) + p.q.shape[0] * p.q.shape[2]
-                              * p.q.shape[1], dtype=p.accumulator)
-            return p, sums
-
-        agreement = agree(comm, "kv_sharded_attention", check, _AGREE, acquire,
-                          inputs=(q, k, v))
-        p, sums = agreement.resources
-        xp, acc = p.xp, p.accumulator
-        mover = get_transport(context, p.q, transport)
-        with comms.communicating():
-            comms.progress("local attention")
-            numerators = sums[:p.q.size].reshape(p.q.shape)
-            out, carry = p.kernel.forward(p.q, p.k, p.v, scale=p.scale, out=numerators,
-                                          lse=p.new_lse(p.q.shape[1]),
-                                          key_lengths=agreement.settings["key_lengths"])
-            top, rest = carry_parts(carry)
-            comms.progress("Allreduce of the largest score", "every rank")
-            global_max = top.copy()  # reduced in place; top stays this rank's
-            mover.allreduce(global_max, "max")
-            finite_max = xp.where(global_max == -np.inf, 0, global_max)
-            denominators = sums[p.q.size:].reshape(top.shape)
-            # weights exp(lse - max) formed from (top - max) + rest, exact at any magnitude
-            # (the difference of two computed scores); at most the rank's key count; 0
-            # where a rank saw no key
-            weights = xp.exp((top - finite_max) + rest)
-            denominators[...] = weights
-            numerators *= weights.astype(acc).transpose(0, 2, 1)[..., None]
-            comms.progress("Allreduce of numerators and denominators", "every rank")
-            mover.allreduce(sums, "sum")
-        seen = denominators > 0
-        safe = xp.where(seen, denominators, 1)
-        out = numerators / safe.transpose(0, 2, 1)[..., None]
-        with np.errstate(divide="ignore"):
-            lse = xp.where(seen, finite_max + xp.log(safe.astype(CARRY_DTYPE)), -np.inf)
-        return p.finish(out, lse, return_lse)
+        agreement = full_agreement(context, "kv_sharded_attention", check, (q, k, v),
+                                   softmax_scale, return_lse, transport)
+        execution, p, buffers = agreement.resources
+        if plain:  # the same on every rank (check_finite and the dispatch were agreed)
+            if key is None:
+                key = plan_key(q, k, v, key_lengths, softmax_scale, return_lse, transport,
+                               qkv_format) + (capturing(q),)
+            channel_of(context, create=True).store(key, execution)
+        return execution.run(p.q, p.k, p.v, agreement.settings["key_lengths"], buffers)
 
 
 @accepts_dlpack("dout", "q", "k", "v", "out", "lse")
