@@ -9,7 +9,9 @@ directly, the same call captured once in a CUDA graph (seqpar.graphs) and replay
 and torch's scaled_dot_product_attention with the FLASH and cuDNN backends on the
 same inputs (enable_gqa). Medians of --repeats calls, with the minimum. Then the host
 time of one call back to back on tiny inputs (the GPU idle in between), and of the
-first call of a new description, which builds its plan. A table last.
+first call of a new description, which builds its plan, and of kv_sharded_attention
+at one rank (planned: its cache, and KVShardedPlan; at several ranks
+benchmarks/kv_plans.py --gpu times them). A table last.
 """
 from __future__ import annotations
 
@@ -115,8 +117,11 @@ def main():
             lambda: seqpar.ring_attention(small, small, small), 500)
         tiny_kv = [cupy.asarray(rng.standard_normal((1, 64, 8, 64), np.float32).astype(bf16))
                    for _ in range(2)]
-        hosts["kv_sharded_attention, 1 rank"] = host_time(
+        hosts["kv_sharded_attention, 1 rank (its plan cache)"] = host_time(
             lambda: seqpar.kv_sharded_attention(tiny[0], *tiny_kv), 2000)
+        kv_plan = seqpar.KVShardedPlan(tiny[0], *tiny_kv)
+        hosts["KVShardedPlan call, 1 rank"] = host_time(lambda: kv_plan(tiny[0], *tiny_kv), 2000)
+        # at several ranks: python -m seqpar run -n 2 benchmarks/kv_plans.py --gpu
     print(f"device: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, "
           f"CuPy {cupy.__version__}, torch {getattr(torch, '__version__', 'absent')}")
     print("\n| keys | seqpar direct µs | seqpar graph replay µs | torch FLASH µs | torch cuDNN µs "

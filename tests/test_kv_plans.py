@@ -258,3 +258,12 @@ def test_planned_call_from_a_thread_without_tag_raises(comm, rng):
     for name in ("plan", "cached"):
         assert "not the main thread, without a tag" in outcome[name], outcome
     check_attention(plan(q, kl, vl), q, k, v)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 2, 8), (0, 2, 2, 8)])
+def test_empty_queries(comm, rng, shape):
+    q = random_array(rng, shape, "float32")
+    k = random_array(rng, (shape[0], 3, 2, 8), "float32")
+    for _ in range(2):  # full, then planned
+        out, lse = seqpar.kv_sharded_attention(q, k, k, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (shape[0], 2, shape[1])

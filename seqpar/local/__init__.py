@@ -17,6 +17,12 @@ the arrays' device) hides keys at local index >= key_lengths[b] of batch row b.
 Tiles that the mask hides entirely are never computed, tiles it shows entirely
 skip the mask arithmetic.
 
+Besides: ``plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None,
+out_dtype=None)``, a callable ``(q, k, v, key_lengths, out=None, lse=None)`` running
+forward for arrays of that description with what can be worked out once done; and the
+K/V-sharded merge steps ``sum_weights``, ``normalise_sums``, ``sums_lse`` (those of
+:mod:`seqpar.merge`; the GPU's are fused kernels).
+
 forward: out is (B, Sq, Hq, D), of q's dtype or the accumulation dtype (float32;
 float64 for float64 input); lse is (B, Hq, Sq) float64 (the precision carried
 between merges, see :mod:`seqpar.merge`), natural log, or, where the backend's

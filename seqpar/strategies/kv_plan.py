@@ -203,8 +203,9 @@ class _Execution:
             self.new_buffers if buffers is None else lambda: buffers))
         xp, kernel, mover = p.xp, p.kernel, self._mover
         batch, sq, hq, _ = self._shape
-        numerators = sums[:-batch * hq * sq].reshape(self._shape)
-        denominators = sums[-batch * hq * sq:].reshape(batch, hq, sq)
+        size = int(np.prod(self._shape))
+        numerators = sums[:size].reshape(self._shape)
+        denominators = sums[size:].reshape(batch, hq, sq)
         with comms.communicating():
             comms.progress("local attention")
             runner(q, k, v, lengths, out=numerators, lse=carry)

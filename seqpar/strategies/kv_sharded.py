@@ -29,6 +29,13 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
     rescaled numerators and denominators merge the slices exactly (weights in
     [0, 1]: the result is a convex combination of the slices' outputs).
 
+    Calls are planned (:class:`seqpar.KVShardedPlan`): the first call of a description
+    (q's shape, strides and dtype; k's and v's but their lengths and strides; whether
+    key lengths are given; the settings) checks, agrees with every rank and sets up
+    the buffers; later ones skip all that, after one small Allreduce at several ranks
+    that checks every rank's call fits its plan (else every rank makes the full call).
+    ``check_finite=True`` calls are never planned.
+
     Parameters
     ----------
     q : numpy.ndarray or cupy.ndarray, shape (B, Sq, Hq, D) or (Sq, Hq, D)
