@@ -10,7 +10,8 @@ calls, after 50 warm-up calls (the GPU synchronised before and after the timed c
 - ``KVShardedPlan`` called;
 - ``kv_sharded_attention``, which finds its plan in the cache of the communicator;
 - the full call, as every call was before plans: the plans forgotten first
-  (``seqpar.plans.clear_plan_cache()``), so the call checks, agrees and plans again.
+  (``seqpar.plans.clear_plan_cache()``), so the call checks, agrees and plans again;
+- on the CPU, the NumPy kernel alone (the floor: what a plan cannot save).
 
 Printed by rank 0 as a table, with the machine and the number of ranks. Run it with
 ``PYTHONPATH`` pointing at an older tree to time that one (rows it lacks are skipped).
@@ -79,6 +80,11 @@ def main() -> None:
 
     rows["kv_sharded_attention, full call (check, agreement, plan)"] = host_time(
         full, max(args.calls // 4, 50), synchronise)
+    if not args.gpu:  # what no plan can save on the CPU: the NumPy kernel itself
+        from seqpar.local import numpy_kernel
+
+        rows["the local kernel alone (numpy_kernel.forward)"] = host_time(
+            lambda: numpy_kernel.forward(q, k, v, scale=0.125), args.calls, synchronise)
     if comm.rank == 0:
         device = "GPU " + xp.cuda.runtime.getDeviceProperties(0)["name"].decode() \
             if args.gpu else f"CPU {platform.processor() or platform.machine()}"
