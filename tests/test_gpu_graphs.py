@@ -287,3 +287,42 @@ def test_documents_first_seen_while_capturing(rng):
     want = seqpar.attention(gq, gk, gv, seqlens=seqlens)
     assert _same_bytes(out, want)
     check_attention(out.get(), q, k, v, visible=_visible({"seqlens": seqlens}, 300, 300))
+
+
+def test_kv_sharded_plan_replays(rng):
+    """KVShardedPlan at one rank, decode-shaped, device key lengths: the replay gives the
+    direct call's bytes, for the plan and for the cache behind kv_sharded_attention."""
+    q, k, v = random_qkv(rng, "bfloat16", b=2, sq=1, sk=3000, hq=32, hk=8, d=128)
+    gq, gk, gv = _gpu(q, k, v)
+    lengths = cupy.asarray([3000, 1234], dtype=cupy.int32)
+    plan = seqpar.KVShardedPlan(gq, gk, gv, comm=SELF, key_lengths=lengths, return_lse=True)
+    out, lse = replay_matches(lambda: plan(gq, gk, gv, key_lengths=lengths))
+    cached = replay_matches(lambda: seqpar.kv_sharded_attention(
+        gq, gk, gv, comm=SELF, key_lengths=lengths, return_lse=True))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(cached, (out, lse)))
+    for b, n in enumerate((3000, 1234)):
+        check_attention(out[b:b + 1], q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n],
+                        lse=lse[b:b + 1])
+
+
+def test_kv_sharded_replays_over_nccl(rng):
+    """At several ranks, one GPU each: the planned call (two NCCL Allreduces and the
+    merge) captured and replayed. Ranks sharing a GPU cannot use NCCL: skipped there
+    (test_ranks_sharing_a_gpu_refuse_capture checks the refusal)."""
+    comm = MPI.COMM_WORLD
+    if comm.size == 1:
+        pytest.skip("needs several ranks")
+    q, k, v = random_qkv(rng, "bfloat16", b=1, sq=1, sk=2048 * comm.size, hq=32, hk=8, d=128)
+    mine = slice(2048 * comm.rank, 2048 * (comm.rank + 1))
+    gq, gk, gv = _gpu(q, k[:, mine], v[:, mine])
+    try:
+        seqpar.kv_sharded_attention(gq, gk, gv, transport="nccl")  # sets NCCL up
+    except ValueError as exc:  # raised on every rank alike
+        pytest.skip(f"no NCCL here: {exc}")
+    plan = seqpar.KVShardedPlan(gq, gk, gv, transport="nccl", return_lse=True)
+    out, lse = replay_matches(lambda: plan(gq, gk, gv))
+    check_attention(out, q, k, v, lse=lse)
+    cache = seqpar.ShardedKVCache(4096 * comm.size, 8, 128, dtype=q.dtype, gpu=True)
+    cache.append(*_gpu(k, v))
+    (attended,) = replay_matches(lambda: cache.attend(gq, transport="nccl"))
+    check_attention(attended, q, k, v)
