@@ -31,9 +31,11 @@ SPLIT_CARRY = True
 _TILE_ROWS = 512
 _TILE_KEYS = 512
 
-# Up to this many rows (query positions x heads of a GQA group) per job, the compiled
-# decode kernel replaces the BLAS tiles (measured: benchmarks/cpu_decode.md).
+# Up to this many rows (query positions x heads of a GQA group) per job and this head
+# dim, the compiled decode kernel replaces the BLAS tiles; beyond them BLAS is faster
+# (measured: benchmarks/cpu_decode.md).
 _DECODE_ROWS = 8
+_DECODE_HEAD_DIM = 64
 _NO_BOUNDS = np.zeros(0, dtype=np.int64)  # the compiled kernels' "no mask" bounds
 
 
@@ -106,7 +108,7 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     row_max = np.full(n_rows, -np.inf, dtype=acc)
     row_sum = np.zeros(n_rows, dtype=acc)
     fused = compiled()
-    if fused is not None and n_rows <= _DECODE_ROWS:
+    if fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM:
         # few rows (decoding): one pass of the compiled kernel reads each key and value
         # row once for all rows, where BLAS would run two thin products
         _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
@@ -230,7 +232,7 @@ def compiled():
     return _compiled(os.environ.get("SEQPAR_CPU_KERNEL", "").strip().lower() or "auto")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(choice):
     if choice not in ("auto", "numba", "numpy"):
         raise ValueError(f"SEQPAR_CPU_KERNEL must be auto, numba or numpy, got {choice!r}")
