@@ -22,12 +22,13 @@ from numba.extending import intrinsic, overload
 __all__ = ["FASTMATH", "exp32", "exp64", "exp_nonpositive", "fmax"]
 
 # LLVM may reassociate sums (vector partial sums: still the same bytes run to run, as
-# the compiled code and the loop bounds fix the order) but must keep infinities: -inf
-# is a value here (the running max of a row that has seen no key).
-FASTMATH = {"nnan", "nsz", "reassoc", "contract", "arcp"}
+# the compiled code and the loop bounds fix the order) but must keep infinities (-inf is
+# the running max of a row that has seen no key) and NaN (a NaN key makes NaN the rows
+# that see it, as in the NumPy path).
+FASTMATH = {"nsz", "reassoc", "contract", "arcp"}
 # The exps themselves may not reassociate: x - n*C1 - n*C2 would fold into x - n*ln2
 # and lose the low bits of the range reduction (measured: 20 ulp at x = -118).
-_EXACT = {"nnan", "nsz", "contract"}
+_EXACT = {"nsz", "contract"}
 
 
 @intrinsic
@@ -68,7 +69,7 @@ def fmax(typingctx, a, b):
         name = "llvm.maxnum.f32" if kind == ir.FloatType() else "llvm.maxnum.f64"
         function = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(kind, [kind, kind]), name)
-        return builder.call(function, args, fastmath=("nnan", "nsz"))
+        return builder.call(function, args, fastmath=("nsz",))
 
     return signature, codegen
 
@@ -76,7 +77,8 @@ def fmax(typingctx, a, b):
 @njit(fastmath=_EXACT)
 def exp32(x):
     """exp(x) for float32 x <= 0 (Cephes' expf: |error| about 1 ulp); 0 below -87."""
-    xc = max(x, np.float32(-87.0))  # exp(-87) is still a normal float32: 2^n below is exact
+    # exp(-87) is still a normal float32, so 2^n below is exact; NaN passes through
+    xc = np.float32(-87.0) if x < np.float32(-87.0) else x
     n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
     # r = x - n ln2 with ln2 in two parts, so r keeps its low bits: |r| <= ln2 / 2
     r = xc - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
@@ -88,14 +90,14 @@ def exp32(x):
     p = p * r + np.float32(5.0000001201e-1)
     y = p * r * r + r + np.float32(1.0)
     y = y * _float32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
-    return y if x >= np.float32(-87.0) else np.float32(0.0)
+    return np.float32(0.0) if x < np.float32(-87.0) else y
 
 
 @njit(fastmath=_EXACT)
 def exp64(x):
     """exp(x) for float64 x <= 0 (Taylor to degree 12 on |r| <= ln2/2: relative error
     below 2e-16 before rounding); 0 below -708."""
-    xc = max(x, -708.0)  # exp(-708) is still a normal float64
+    xc = -708.0 if x < -708.0 else x  # exp(-708) is still a normal float64; NaN passes
     n = np.floor(xc * 1.4426950408889634 + 0.5)
     r = xc - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6
     p = 1.0 / 479001600.0
@@ -111,7 +113,7 @@ def exp64(x):
     p = p * r + 0.5
     y = p * r * r + r + 1.0
     y = y * _float64_from_bits((np.int64(n) + np.int64(1023)) << np.int64(52))
-    return y if x >= -708.0 else 0.0
+    return 0.0 if x < -708.0 else y
 
 
 def exp_nonpositive(x):
