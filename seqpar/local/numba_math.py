@@ -22,13 +22,14 @@ from numba.extending import intrinsic, overload
 __all__ = ["FASTMATH", "exp32", "exp64", "exp_nonpositive", "fmax"]
 
 # LLVM may reassociate sums (vector partial sums: still the same bytes run to run, as
-# the compiled code and the loop bounds fix the order) but must keep infinities (-inf is
-# the running max of a row that has seen no key) and NaN (a NaN key makes NaN the rows
-# that see it, as in the NumPy path).
-FASTMATH = {"nsz", "reassoc", "contract", "arcp"}
+# the compiled code and the loop bounds fix the order) but must keep infinities: -inf is
+# the running max of a row that has seen no key. NaN is assumed absent (without that,
+# LLVM leaves the max and exp loops scalar, 7x slower): callers send tiles with NaN in
+# their inputs to the NumPy passes instead (numpy_kernel.py).
+FASTMATH = {"nnan", "nsz", "reassoc", "contract", "arcp"}
 # The exps themselves may not reassociate: x - n*C1 - n*C2 would fold into x - n*ln2
 # and lose the low bits of the range reduction (measured: 20 ulp at x = -118).
-_EXACT = {"nsz", "contract"}
+_EXACT = {"nnan", "nsz", "contract"}
 
 
 @intrinsic
@@ -69,7 +70,7 @@ def fmax(typingctx, a, b):
         name = "llvm.maxnum.f32" if kind == ir.FloatType() else "llvm.maxnum.f64"
         function = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(kind, [kind, kind]), name)
-        return builder.call(function, args, fastmath=("nsz",))
+        return builder.call(function, args, fastmath=("nnan", "nsz"))
 
     return signature, codegen
 
@@ -77,8 +78,7 @@ def fmax(typingctx, a, b):
 @njit(fastmath=_EXACT)
 def exp32(x):
     """exp(x) for float32 x <= 0 (Cephes' expf: |error| about 1 ulp); 0 below -87."""
-    # exp(-87) is still a normal float32, so 2^n below is exact; NaN passes through
-    xc = np.float32(-87.0) if x < np.float32(-87.0) else x
+    xc = max(x, np.float32(-87.0))  # exp(-87) is still a normal float32: 2^n is exact
     n = np.floor(xc * np.float32(1.44269504088896341) + np.float32(0.5))
     # r = x - n ln2 with ln2 in two parts, so r keeps its low bits: |r| <= ln2 / 2
     r = xc - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
@@ -97,7 +97,7 @@ def exp32(x):
 def exp64(x):
     """exp(x) for float64 x <= 0 (Taylor to degree 12 on |r| <= ln2/2: relative error
     below 2e-16 before rounding); 0 below -708."""
-    xc = -708.0 if x < -708.0 else x  # exp(-708) is still a normal float64; NaN passes
+    xc = max(x, -708.0)  # exp(-708) is still a normal float64
     n = np.floor(xc * 1.4426950408889634 + 0.5)
     r = xc - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6
     p = 1.0 / 479001600.0

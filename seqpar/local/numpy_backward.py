@@ -22,8 +22,15 @@ import numpy as np
 
 from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
-from .numpy_kernel import (_NO_BOUNDS, _as, _threads, _tile_kind, compiled, run_jobs,
-                           visible_key_range)
+from .numpy_kernel import (
+    _NO_BOUNDS,
+    _as,
+    _threads,
+    _tile_kind,
+    compiled,
+    run_jobs,
+    visible_key_range,
+)
 
 __all__ = ["backward"]
 
@@ -95,6 +102,9 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
     tiling = _Tiling(q.shape, k.shape, mask, q_offset, k_offset)
     chunks = tiling.key_chunks(-(-_thread_count() // (batch * hk)))
     arrays = (dout, q, k, v, lse, delta, dq, dk, dv)
+    fused = compiled()
+    if fused is not None and not all(np.isfinite(x).all() for x in (dout, q, k, v)):
+        fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
     jobs, partials = [], []
     for b in range(batch):
         for h in range(hk):
@@ -103,7 +113,7 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
                 if own is not None:
                     partials.append((b, h, r0, r1, own))
                 jobs.append(functools.partial(_backward_job, arrays, float(scale), tiling, b, h,
-                                              key_tiles, (r0, own), accumulate))
+                                              key_tiles, (r0, own), accumulate, fused))
     run_jobs(jobs)
     group = hq // hk
     for b, h, r0, r1, own in partials:  # a fixed order: the same bytes whatever the timing
@@ -165,7 +175,7 @@ class _Tiling:
         return chunks
 
 
-def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate):
+def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate, fused):
     """dK, dV of ``key_tiles`` for K/V head h of batch row b, and their dQ contribution.
 
     ``own_dq`` is (r0, buffer): dQ of positions [r0, r0 + len(buffer)) goes into the
@@ -176,7 +186,6 @@ def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate):
     heads = slice(h * group, (h + 1) * group)
     acc = dq.dtype
     r0, own = own_dq
-    fused = compiled()
     # the pair's two (rows x keys) tiles, made once per job: fresh ones per pair would
     # cost their page faults every time
     n_rows = max([p1 - p0 for p0, p1 in tiling.rows], default=0) * group

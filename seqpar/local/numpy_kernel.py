@@ -108,7 +108,10 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     row_max = np.full(n_rows, -np.inf, dtype=acc)
     row_sum = np.zeros(n_rows, dtype=acc)
     fused = compiled()
-    if fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM:
+    if fused is not None and not np.isfinite(q_tile).all():
+        fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
+    if (fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
+            and _finite(k[b, j_begin:max(j_end, j_begin), h, :])):
         # few rows (decoding): one pass of the compiled kernel reads each key and value
         # row once for all rows, where BLAS would run two thin products
         _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
@@ -158,9 +161,11 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         kind = _tile_kind(lo, hi, j0, j1)
         if kind == HIDDEN:
             continue
-        scores = np.matmul(q_tile, _as(k[j0:j1], acc).T,
+        k_tile = _as(k[j0:j1], acc)
+        scores = np.matmul(q_tile, k_tile.T,
                            out=score_buffer[:n_rows * (j1 - j0)].reshape(n_rows, j1 - j0))
-        if fused is not None:
+        # a NaN key goes through the NumPy passes, which make NaN the rows that see it
+        if fused is not None and _finite(k_tile):
             masked = kind != FULL
             fused.softmax_step(scores, row_max, row_sum, o_tile,
                                lo - j0 if masked else _NO_BOUNDS,
@@ -168,6 +173,11 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         else:
             _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind)
         o_tile += np.matmul(scores, _as(v[j0:j1], acc), out=pv)
+
+
+def _finite(x) -> bool:
+    """Whether x holds no NaN or inf (a pass over x: a key tile is 1/8 of its score tile)."""
+    return bool(np.isfinite(x).all())
 
 
 def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
