@@ -24,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .numba_math import FASTMATH, exp_nonpositive, fmax, prefer_wide_vectors
+from .numba_math import FASTMATH, exp_nonpositive, fmax, not_finite, prefer_wide_vectors
 
-__all__ = ["DECODE_CHUNK", "decode", "probabilities", "softmax_grad", "softmax_step"]
+__all__ = ["DECODE_CHUNK", "decode", "not_finite", "probabilities", "softmax_grad",
+           "softmax_step"]
 
 # Keys per chunk of the decode kernel: a chunk's scores (rows x chunk) stay in L1/L2
 # between the score, softmax and value passes, while K and V stream from memory once.
@@ -148,6 +149,12 @@ def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_
         Running max and sum, as in :func:`softmax_step`.
     scores : ndarray, (rows, DECODE_CHUNK), C order
         Scratch.
+
+    Returns
+    -------
+    bool
+        False, with the accumulators left part-way, when a score is NaN or inf (the
+        caller then runs the NumPy passes, which propagate it), else True.
     """
     rows, d = q.shape
     chunk = scores.shape[1]
@@ -162,6 +169,9 @@ def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_
                 for c in range(d):
                     s += qr[c] * kr[c]
                 scores[r, j] = s
+        for r in range(rows):
+            if not_finite(scores[r, :n]):
+                return False
         for r in range(rows):
             lo_r = lo[r] - j0 if masked else 0
             hi_r = hi[r] - j0 if masked else n - 1
@@ -179,3 +189,4 @@ def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_
                 orow = out[r]
                 for c in range(d):
                     orow[c] += p * vr[c]
+    return True

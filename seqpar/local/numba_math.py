@@ -19,7 +19,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-__all__ = ["FASTMATH", "exp32", "exp64", "exp_nonpositive", "fmax"]
+__all__ = ["FASTMATH", "exp32", "exp64", "exp_nonpositive", "fmax", "not_finite"]
 
 # LLVM may reassociate sums (vector partial sums: still the same bytes run to run, as
 # the compiled code and the loop bounds fix the order) but must keep infinities: -inf is
@@ -73,6 +73,16 @@ def fmax(typingctx, a, b):
         return builder.call(function, args, fastmath=("nnan", "nsz"))
 
     return signature, codegen
+
+
+@njit(fastmath={"reassoc"})
+def not_finite(x):
+    """Whether 1-D x holds a NaN or an inf, as one vectorised sum (x * 0 is NaN only
+    there); compiled without nnan, so the test survives inlining into the kernels."""
+    probe = x[0] * 0 if x.shape[0] else 0.0
+    for j in range(x.shape[0]):
+        probe += x[j] * 0
+    return np.isnan(probe)
 
 
 @njit(fastmath=_EXACT)

@@ -110,14 +110,17 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     fused = compiled()
     if fused is not None and not np.isfinite(q_tile).all():
         fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
-    if (fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
-            and _finite(k[b, j_begin:max(j_end, j_begin), h, :])):
-        # few rows (decoding): one pass of the compiled kernel reads each key and value
-        # row once for all rows, where BLAS would run two thin products
-        _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
-                v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin, o_tile, row_max,
-                row_sum)
-    else:
+    # few rows (decoding): one pass of the compiled kernel reads each key and value row
+    # once for all rows, where BLAS would run two thin products; it gives up on a NaN
+    # or inf score, and the NumPy passes start again
+    decoded = (fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
+               and _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
+                           v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin, o_tile,
+                           row_max, row_sum))
+    if not decoded:
+        if fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM:
+            o_tile[...], row_max[...], row_sum[...] = 0, -np.inf, 0
+            fused = None
         _online_softmax(q_tile, k[b, :, h, :], v[b, :, h, :], lo, hi, j_begin, j_end, acc,
                         o_tile, row_max, row_sum, fused)
     seen = row_sum > 0
@@ -164,8 +167,10 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         k_tile = _as(k[j0:j1], acc)
         scores = np.matmul(q_tile, k_tile.T,
                            out=score_buffer[:n_rows * (j1 - j0)].reshape(n_rows, j1 - j0))
-        # a NaN key goes through the NumPy passes, which make NaN the rows that see it
-        if fused is not None and _finite(k_tile):
+        # a NaN key goes through the NumPy passes, which make NaN the rows that see it;
+        # the test reads the smaller of the key tile and the score tile
+        if fused is not None and not fused.not_finite(
+                (scores if n_rows < k_tile.shape[1] else k_tile).ravel()):
             masked = kind != FULL
             fused.softmax_step(scores, row_max, row_sum, o_tile,
                                lo - j0 if masked else _NO_BOUNDS,
@@ -173,11 +178,6 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         else:
             _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind)
         o_tile += np.matmul(scores, _as(v[j0:j1], acc), out=pv)
-
-
-def _finite(x) -> bool:
-    """Whether x holds no NaN or inf (a pass over x: a key tile is 1/8 of its score tile)."""
-    return bool(np.isfinite(x).all())
 
 
 def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
@@ -201,12 +201,13 @@ def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
 def _decode(fused, q_tile, k, v, lo, hi, j_begin, o_tile, row_max, row_sum):
     """Keys k, v (2-D views from local key j_begin on) into the running (o_tile, row_max,
     row_sum) by the compiled decode kernel, reading them in place where their rows
-    have a contiguous last axis (else from a contiguous copy)."""
+    have a contiguous last axis (else from a contiguous copy); False when the kernel met
+    a NaN or inf score and left the accumulators part-way."""
     scratch = np.empty((q_tile.shape[0], fused.DECODE_CHUNK), dtype=q_tile.dtype)
     k_flat, k_stride = _row_major(k, q_tile.dtype)
     v_flat, v_stride = _row_major(v, q_tile.dtype)
     masked = lo is not None
-    fused.decode(q_tile, k_flat, k_stride, v_flat, v_stride, k.shape[0],
+    return fused.decode(q_tile, k_flat, k_stride, v_flat, v_stride, k.shape[0],
                  lo - j_begin if masked else _NO_BOUNDS, hi - j_begin if masked else _NO_BOUNDS,
                  masked, o_tile, row_max, row_sum, scratch)
 
