@@ -1,7 +1,10 @@
 """Decoding on the CPU: one query against a long K/V cache is memory-bound.
 
 Reports seqpar.attention's K/V read bandwidth for few queries against the machine's
-own read and copy bandwidth, measured in the same run::
+own read and copy bandwidth, measured in the same run, with the compiled kernels
+(numba, the default where it imports) and with the pure NumPy path
+(``SEQPAR_CPU_KERNEL=numpy``); "per thread" divides by the threads that ran (one per
+K/V head here, at most the cores)::
 
     python benchmarks/cpu_decode.py            # one rank; prints a markdown table
 """
@@ -37,17 +40,22 @@ def main():
     read, copy = memory_bandwidth(rng)
     print(f"machine: {os.cpu_count()} cores; one-thread read {read / 1e9:.1f} GB/s "
           f"(numpy sum), copy {copy / 1e9:.1f} GB/s (read + write)\n")
-    print("| queries | heads q/kv | d | K/V length | ms | K/V GB/s | vs read | vs copy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    threads = min(2, len(os.sched_getaffinity(0)))
+    print("| queries | heads q/kv | d | K/V length | kernel | ms | K/V GB/s | vs read, per thread "
+          "| vs copy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for sq, d, length in ((1, 64, 65536), (1, 64, 262144), (1, 64, 1048576),
                           (1, 128, 262144), (16, 128, 262144)):
         q = rng.standard_normal((1, sq, 8, d), dtype=np.float32)
         k = rng.standard_normal((1, length, 2, d), dtype=np.float32)
         v = rng.standard_normal((1, length, 2, d), dtype=np.float32)
-        seconds = best_of(lambda: seqpar.attention(q, k, v))
-        rate = (k.nbytes + v.nbytes) / seconds
-        print(f"| {sq} | 8/2 | {d} | {length} | {seconds * 1e3:.1f} | {rate / 1e9:.1f} | "
-              f"{rate / read:.2f} | {rate / copy:.2f} |")
+        for kernel in ("numba", "numpy"):
+            os.environ["SEQPAR_CPU_KERNEL"] = kernel
+            seconds = best_of(lambda: seqpar.attention(q, k, v))
+            rate = (k.nbytes + v.nbytes) / seconds
+            print(f"| {sq} | 8/2 | {d} | {length} | {kernel} | {seconds * 1e3:.1f} | "
+                  f"{rate / 1e9:.1f} | {rate / read / threads:.2f} | {rate / copy:.2f} |")
+        del os.environ["SEQPAR_CPU_KERNEL"]
 
 
 if __name__ == "__main__":

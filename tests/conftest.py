@@ -282,6 +282,31 @@ def require_gpu():
     return cupy, count
 
 
+# The CPU kernels (seqpar.local.numpy_kernel.compiled): the local tests run under each
+# of them, numba's only where it imports; other modules run under the default choice.
+try:
+    import numba  # noqa: F401
+
+    CPU_KERNELS = ("numpy", "numba")
+except ImportError:  # pragma: no cover - numba is optional
+    CPU_KERNELS = ("numpy",)
+_BOTH_CPU_KERNELS = {"test_local", "test_masks", "test_backward_local", "test_cpu_kernels"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__ in _BOTH_CPU_KERNELS:
+        metafunc.parametrize("cpu_kernel", CPU_KERNELS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernel(request, monkeypatch):
+    """The CPU kernel this test runs under (SEQPAR_CPU_KERNEL), None for the default."""
+    name = getattr(request, "param", None)
+    if name is not None:
+        monkeypatch.setenv("SEQPAR_CPU_KERNEL", name)
+    return name
+
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's node id: fresh per test, equal on every rank."""

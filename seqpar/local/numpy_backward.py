@@ -22,7 +22,15 @@ import numpy as np
 
 from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
-from .numpy_kernel import _as, _threads, _tile_kind, run_jobs, visible_key_range
+from .numpy_kernel import (
+    _NO_BOUNDS,
+    _as,
+    _threads,
+    _tile_kind,
+    compiled,
+    run_jobs,
+    visible_key_range,
+)
 
 __all__ = ["backward"]
 
@@ -94,6 +102,9 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
     tiling = _Tiling(q.shape, k.shape, mask, q_offset, k_offset)
     chunks = tiling.key_chunks(-(-_thread_count() // (batch * hk)))
     arrays = (dout, q, k, v, lse, delta, dq, dk, dv)
+    fused = compiled()
+    if fused is not None and not all(np.isfinite(x).all() for x in (dout, q, k, v)):
+        fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
     jobs, partials = [], []
     for b in range(batch):
         for h in range(hk):
@@ -102,7 +113,7 @@ def backward(dout, q, k, v, lse, delta, *, scale, mask=None, q_offset=0, k_offse
                 if own is not None:
                     partials.append((b, h, r0, r1, own))
                 jobs.append(functools.partial(_backward_job, arrays, float(scale), tiling, b, h,
-                                              key_tiles, (r0, own), accumulate))
+                                              key_tiles, (r0, own), accumulate, fused))
     run_jobs(jobs)
     group = hq // hk
     for b, h, r0, r1, own in partials:  # a fixed order: the same bytes whatever the timing
@@ -130,12 +141,14 @@ class _Tiling:
         self.keys = [(j0, min(j0 + _TILE_KEYS, sk)) for j0 in range(0, sk, _TILE_KEYS)]
 
     def pairs(self, j0, j1):
-        """(p0, p1, hidden) of every row tile that sees keys [j0, j1); ``hidden`` is the
-        boolean (rows, keys) matrix of a partial tile, None for a full one."""
+        """(p0, p1, bounds) of every row tile that sees keys [j0, j1); ``bounds`` is
+        (lo, hi), each row's visible keys relative to j0 (rows ordered as in the
+        forward), for a partial tile, None for a full one."""
         for (p0, p1), (lo, hi) in zip(self.rows, self.bounds):
             kind = _tile_kind(lo, hi, j0, j1)
             if kind != HIDDEN:
-                yield p0, p1, None if kind == FULL else _hidden_pairs(lo, hi, j0, j1, self.group)
+                yield p0, p1, None if kind == FULL else (np.repeat(lo - j0, self.group),
+                                                         np.repeat(hi - j0, self.group))
 
     def key_chunks(self, wanted):
         """At most ``wanted`` contiguous runs of key tiles of similar work, each with
@@ -162,7 +175,7 @@ class _Tiling:
         return chunks
 
 
-def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate):
+def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate, fused):
     """dK, dV of ``key_tiles`` for K/V head h of batch row b, and their dQ contribution.
 
     ``own_dq`` is (r0, buffer): dQ of positions [r0, r0 + len(buffer)) goes into the
@@ -173,14 +186,19 @@ def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate):
     heads = slice(h * group, (h + 1) * group)
     acc = dq.dtype
     r0, own = own_dq
+    # the pair's two (rows x keys) tiles, made once per job: fresh ones per pair would
+    # cost their page faults every time
+    n_rows = max([p1 - p0 for p0, p1 in tiling.rows], default=0) * group
+    buffers = np.empty((2, n_rows * _TILE_KEYS), dtype=acc)
     for j0, j1 in key_tiles:
         k_tile = _as(k[b, j0:j1, h, :], acc)
         v_tile = _as(v[b, j0:j1, h, :], acc)
         dk_tile = np.zeros(k_tile.shape, dtype=acc)
         dv_tile = np.zeros(v_tile.shape, dtype=acc)
-        for p0, p1, hidden in tiling.pairs(j0, j1):
+        for p0, p1, bounds in tiling.pairs(j0, j1):
             rows = _Rows(dout, q, lse, delta, b, heads, p0, p1, scale, acc)
-            dq_rows = _pair_grads(rows, k_tile, v_tile, hidden, dk_tile, dv_tile)
+            dq_rows = _pair_grads(rows, k_tile, v_tile, bounds, dk_tile, dv_tile, buffers,
+                                  fused)
             dq_rows *= scale
             target = dq[b, p0:p1, heads, :] if own is None else own[p0 - r0:p1 - r0]
             target += dq_rows.reshape(p1 - p0, group, -1)
@@ -209,27 +227,33 @@ class _Rows:
         self.delta = np.asarray(delta[b, heads, p0:p1].T, dtype=acc).reshape(n)
 
 
-def _hidden_pairs(lo, hi, j0, j1, group):
-    """Boolean (rows, keys) matrix of the pairs a partial tile hides; lo/hi per position."""
-    cols = np.arange(j0, j1)
-    lo, hi = np.repeat(lo, group), np.repeat(hi, group)
-    return (cols[None, :] < lo[:, None]) | (cols[None, :] > hi[:, None])
-
-
-def _pair_grads(rows, k_tile, v_tile, hidden, dk_tile, dv_tile):
+def _pair_grads(rows, k_tile, v_tile, bounds, dk_tile, dv_tile, buffers, fused):
     """Add one tile pair's dK, dV into the key-tile accumulators; return its dQ / scale.
 
-    The score tile is the one (rows x keys) temporary besides dP; every step
-    updates it in place.
+    P and dS are written into ``buffers`` (two flat arrays of at least rows x keys);
+    between the products, the elementwise steps run compiled (``fused``,
+    :mod:`seqpar.local.numba_kernel`) or as NumPy passes.
     """
-    p = rows.qs @ k_tile.T
-    p -= rows.lse[:, None]
-    if hidden is not None:
-        np.copyto(p, -np.inf, where=hidden)
-    np.exp(p, out=p)
+    shape = (rows.qs.shape[0], k_tile.shape[0])
+    size = shape[0] * shape[1]
+    p = np.matmul(rows.qs, k_tile.T, out=buffers[0, :size].reshape(shape))
+    if fused is not None:
+        masked = bounds is not None
+        fused.probabilities(p, rows.lse, bounds[0] if masked else _NO_BOUNDS,
+                            bounds[1] if masked else _NO_BOUNDS, masked)
+    else:
+        p -= rows.lse[:, None]
+        if bounds is not None:
+            cols = np.arange(shape[1])
+            lo, hi = bounds
+            np.copyto(p, -np.inf, where=(cols[None, :] < lo[:, None]) | (cols[None, :] > hi[:, None]))
+        np.exp(p, out=p)
     dv_tile += p.T @ rows.do
-    ds = rows.do @ v_tile.T
-    ds -= rows.delta[:, None]
-    ds *= p
+    ds = np.matmul(rows.do, v_tile.T, out=buffers[1, :size].reshape(shape))
+    if fused is not None:
+        fused.softmax_grad(ds, p, rows.delta)
+    else:
+        ds -= rows.delta[:, None]
+        ds *= p
     dk_tile += ds.T @ rows.qs
     return ds @ k_tile

@@ -19,8 +19,8 @@ from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
 from ..merge import CARRY_DTYPE, merge_weights, normalise_sums, sum_weights, sums_lse
 
-__all__ = ["SPLIT_CARRY", "forward", "plan_forward", "backward", "backward_delta",
-           "visible_key_range", "sum_weights", "normalise_sums", "sums_lse"]
+__all__ = ["SPLIT_CARRY", "backward", "backward_delta", "compiled", "forward", "normalise_sums",
+           "plan_forward", "sum_weights", "sums_lse", "visible_key_range"]
 
 # The carry between merges keeps (row max, log of the sum) apart (seqpar.merge): with
 # float64 scores the weights then stay exact at any score magnitude.
@@ -30,7 +30,14 @@ SPLIT_CARRY = True
 # scores are 2 MiB, large enough for efficient BLAS calls, small enough for L2/L3
 # through the max / exp / sum passes (measured: benchmarks/cpu_attention.md).
 _TILE_ROWS = 512
-_TILE_KEYS = 1024
+_TILE_KEYS = 512
+
+# Up to this many rows (query positions x heads of a GQA group) per job and this head
+# dim, the compiled decode kernel replaces the BLAS tiles; beyond them BLAS is faster
+# (measured: benchmarks/cpu_decode.md).
+_DECODE_ROWS = 8
+_DECODE_HEAD_DIM = 64
+_NO_BOUNDS = np.zeros(0, dtype=np.int64)  # the compiled kernels' "no mask" bounds
 
 
 def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
@@ -112,29 +119,22 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     o_tile = np.zeros((n_rows, d), dtype=acc)
     row_max = np.full(n_rows, -np.inf, dtype=acc)
     row_sum = np.zeros(n_rows, dtype=acc)
-    # few rows (decoding): longer key tiles keep a score tile's size and cut the
-    # per-tile overhead, which would otherwise dominate a memory-bound pass
-    tile_keys = max(_TILE_KEYS, (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
-    for j0 in range(j_begin, j_end, tile_keys):
-        j1 = min(j0 + tile_keys, j_end)
-        kind = _tile_kind(lo, hi, j0, j1)
-        if kind == HIDDEN:
-            continue
-        scores = q_tile @ _as(k[b, j0:j1, h, :], acc).T
-        if kind != FULL:
-            cols = np.arange(j0, j1)
-            hidden = (cols[None, :] < lo[:, None]) | (cols[None, :] > hi[:, None])
-            np.copyto(scores, -np.inf, where=hidden)
-        new_max = np.maximum(row_max, scores.max(axis=1))
-        finite_max = np.where(new_max == -np.inf, 0, new_max)
-        scores -= finite_max[:, None]
-        np.exp(scores, out=scores)
-        rescale = np.exp(row_max - finite_max)
-        row_sum *= rescale
-        row_sum += scores.sum(axis=1)
-        o_tile *= rescale[:, None]
-        o_tile += scores @ _as(v[b, j0:j1, h, :], acc)
-        row_max = new_max
+    fused = compiled()
+    if fused is not None and not np.isfinite(q_tile).all():
+        fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
+    # few rows (decoding): one pass of the compiled kernel reads each key and value row
+    # once for all rows, where BLAS would run two thin products; it gives up on a NaN
+    # or inf score, and the NumPy passes start again
+    decoded = (fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
+               and _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
+                           v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin, o_tile,
+                           row_max, row_sum))
+    if not decoded:
+        if fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM:
+            o_tile[...], row_max[...], row_sum[...] = 0, -np.inf, 0
+            fused = None
+        _online_softmax(q_tile, k[b, :, h, :], v[b, :, h, :], lo, hi, j_begin, j_end, acc,
+                        o_tile, row_max, row_sum, fused)
     seen = row_sum > 0
     o_tile /= np.where(seen, row_sum, 1)[:, None]
     # the block's lse as (top, rest): its row max and the log of the sum below it
@@ -157,9 +157,118 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
             lse_rows[...] = top + rest
 
 
+def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, row_sum,
+                    fused):
+    """Keys [j_begin, j_end) of k, v (2-D, one head) into the running (o_tile, row_max,
+    row_sum), one key tile at a time: two BLAS products per tile and, between them, the
+    online-softmax step, compiled (``fused``, :mod:`seqpar.local.numba_kernel`) or as
+    NumPy passes."""
+    n_rows = q_tile.shape[0]
+    # few rows (decoding): longer key tiles keep a score tile's size and cut the
+    # per-tile overhead, which would otherwise dominate a memory-bound pass
+    tile_keys = max(_TILE_KEYS, (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
+    # the score tile and the product with V are written into buffers made once per
+    # job: a fresh 2 MiB array per tile costs its page faults every time
+    score_buffer = np.empty(n_rows * min(tile_keys, max(j_end - j_begin, 0)), dtype=acc)
+    pv = np.empty_like(o_tile)
+    for j0 in range(j_begin, j_end, tile_keys):
+        j1 = min(j0 + tile_keys, j_end)
+        kind = _tile_kind(lo, hi, j0, j1)
+        if kind == HIDDEN:
+            continue
+        k_tile = _as(k[j0:j1], acc)
+        scores = np.matmul(q_tile, k_tile.T,
+                           out=score_buffer[:n_rows * (j1 - j0)].reshape(n_rows, j1 - j0))
+        # a NaN key goes through the NumPy passes, which make NaN the rows that see it;
+        # the test reads the smaller of the key tile and the score tile
+        if fused is not None and not fused.not_finite(
+                (scores if n_rows < k_tile.shape[1] else k_tile).ravel()):
+            masked = kind != FULL
+            fused.softmax_step(scores, row_max, row_sum, o_tile,
+                               lo - j0 if masked else _NO_BOUNDS,
+                               hi - j0 if masked else _NO_BOUNDS, masked)
+        else:
+            _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind)
+        o_tile += np.matmul(scores, _as(v[j0:j1], acc), out=pv)
+
+
+def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
+    """The online-softmax step in NumPy passes over the tile (mask, max, subtract, exp,
+    sum), updating row_max in place; the fallback of the compiled step."""
+    if kind != FULL:
+        cols = np.arange(j0, j1)
+        hidden = (cols[None, :] < lo[:, None]) | (cols[None, :] > hi[:, None])
+        np.copyto(scores, -np.inf, where=hidden)
+    new_max = np.maximum(row_max, scores.max(axis=1))
+    finite_max = np.where(new_max == -np.inf, 0, new_max)
+    scores -= finite_max[:, None]
+    np.exp(scores, out=scores)
+    rescale = np.exp(row_max - finite_max)
+    row_sum *= rescale
+    row_sum += scores.sum(axis=1)
+    o_tile *= rescale[:, None]
+    row_max[...] = new_max
+
+
+def _decode(fused, q_tile, k, v, lo, hi, j_begin, o_tile, row_max, row_sum):
+    """Keys k, v (2-D views from local key j_begin on) into the running (o_tile, row_max,
+    row_sum) by the compiled decode kernel, reading them in place where their rows
+    have a contiguous last axis (else from a contiguous copy); False when the kernel met
+    a NaN or inf score and left the accumulators part-way."""
+    scratch = np.empty((q_tile.shape[0], fused.DECODE_CHUNK), dtype=q_tile.dtype)
+    k_flat, k_stride = _row_major(k, q_tile.dtype)
+    v_flat, v_stride = _row_major(v, q_tile.dtype)
+    masked = lo is not None
+    return fused.decode(q_tile, k_flat, k_stride, v_flat, v_stride, k.shape[0],
+                 lo - j_begin if masked else _NO_BOUNDS, hi - j_begin if masked else _NO_BOUNDS,
+                 masked, o_tile, row_max, row_sum, scratch)
+
+
+def _row_major(x, dtype):
+    """(flat, stride): a read-only 1-D view over the rows of 2-D ``x`` with row i at
+    ``flat[i * stride:][:x.shape[1]]``, in place when x's rows are contiguous and
+    ascending, else over a contiguous copy (cast to ``dtype`` where it differs)."""
+    rows, d = x.shape
+    item = x.itemsize
+    inplace = (x.dtype == dtype and rows > 0 and (d <= 1 or x.strides[1] == item)
+               and x.strides[0] >= 0 and x.strides[0] % item == 0)
+    if not inplace:
+        x = np.ascontiguousarray(x, dtype=dtype)
+        item = x.itemsize
+    stride = x.strides[0] // item if rows > 1 else d
+    span = (rows - 1) * stride + d if rows else 0
+    flat = np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(item,), writeable=False)
+    return flat, stride
+
+
 def _as(x, dtype):
     """x itself when it has the dtype (BLAS reads strided 2-D views), else a cast copy."""
     return x if x.dtype == dtype else x.astype(dtype)
+
+
+def compiled():
+    """The compiled kernels (:mod:`seqpar.local.numba_kernel`), or None for the NumPy passes.
+
+    ``SEQPAR_CPU_KERNEL`` chooses: ``numba`` (an ImportError where numba does not
+    import), ``numpy``, or ``auto`` (the default: numba where it imports).
+    """
+    return _compiled(os.environ.get("SEQPAR_CPU_KERNEL", "").strip().lower() or "auto")
+
+
+@functools.cache
+def _compiled(choice):
+    if choice not in ("auto", "numba", "numpy"):
+        raise ValueError(f"SEQPAR_CPU_KERNEL must be auto, numba or numpy, got {choice!r}")
+    if choice == "numpy":
+        return None
+    try:
+        from . import numba_kernel
+    except ImportError as exc:
+        if choice == "numba":
+            raise ImportError('SEQPAR_CPU_KERNEL=numba needs numba (pip install '
+                              '"seqpar[cpu]")') from exc
+        return None
+    return numba_kernel
 
 
 def run_jobs(jobs) -> None:

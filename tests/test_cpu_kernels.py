@@ -1,0 +1,142 @@
+"""The CPU backend's two kernels (NumPy passes and the compiled numba step) against the
+float64 reference and each other: fused steps, the decode kernel, layouts, determinism.
+
+Every test here runs under each kernel (conftest.py parametrizes ``cpu_kernel``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TOL, check_attention, random_qkv
+from reference import reference_attention, relative_error
+
+import seqpar
+from seqpar.local import numpy_kernel
+
+
+def _layouts(x):
+    """x as C order, Fortran order, a transposed-back view and a read-only array."""
+    fortran = np.asfortranarray(x)
+    transposed = np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    return {"C": x, "F": fortran, "transposed": transposed, "readonly": readonly}
+
+
+def test_chosen_kernel(cpu_kernel):
+    expected = None if cpu_kernel == "numpy" else "seqpar.local.numba_kernel"
+    chosen = numpy_kernel.compiled()
+    assert (chosen and chosen.__name__) == expected
+
+
+def test_unknown_choice_raises(monkeypatch):
+    monkeypatch.setenv("SEQPAR_CPU_KERNEL", "fortran")
+    with pytest.raises(ValueError, match="SEQPAR_CPU_KERNEL"):
+        numpy_kernel.compiled()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,d", [(700, 1300, 64), (300, 300, 128)])
+def test_several_tiles_against_float64(rng, dtype, causal, sq, sk, d):
+    """Several 512 x 512 tiles, partial diagonal tiles, scores far from 0."""
+    q, k, v = random_qkv(rng, dtype, b=1, sq=sq, sk=sk, hq=4, hk=2, d=d)
+    q *= 3  # peaked rows: the running max moves from tile to tile
+    out, lse = seqpar.attention(q, k, v, causal=causal, return_lse=True)
+    check_attention(out, q, k, v, causal=causal, lse=lse)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("layout", ["C", "F", "transposed", "readonly"])
+def test_layouts_read_in_place(rng, dtype, layout):
+    q, k, v = random_qkv(rng, dtype, b=2, sq=40, sk=600, hq=4, hk=2, d=32)
+    arrays = [_layouts(x)[layout] for x in (q, k, v)]
+    before = [x.copy() for x in arrays]
+    out = seqpar.attention(*arrays, causal=True, window=(100, None))
+    for x, y in zip(arrays, before):
+        assert np.array_equal(x, y)
+    visible = seqpar.masks.Mask.build(True, (100, None)).visible_pairs(np.arange(40),
+                                                                       np.arange(600))
+    check_attention(out, q, k, v, visible=visible)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("queries,hq,hk", [(1, 8, 2), (2, 4, 4), (16, 8, 2)])
+def test_decode_with_key_lengths(rng, dtype, queries, hq, hk):
+    """Few rows against a long cache (the decode kernel, then BLAS tiles at 16 queries),
+    with per-batch-row valid lengths, 0 included."""
+    q, k, v = random_qkv(rng, dtype, b=3, sq=queries, sk=3000, hq=hq, hk=hk, d=64)
+    lengths = np.array([3000, 1234, 0])
+    out, lse = seqpar.attention(q, k, v, key_lengths=lengths, return_lse=True)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert not out[b].any() and np.all(lse[b] == -np.inf)
+            continue
+        # the float64 reference only: with 1 query the plain float32 error of so few
+        # outputs is itself noise, too small a yardstick for the 2x rule
+        ref, ref_lse = reference_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
+        assert relative_error(out[b:b + 1], ref) <= TOL[dtype]
+        assert relative_error(lse[b:b + 1], ref_lse) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fully_masked_rows_give_zero(rng, dtype):
+    """A window leaves the first 40 rows of a block without keys: 0 and -inf."""
+    q, k, v = random_qkv(rng, dtype, b=1, sq=64, sk=64, hq=2, hk=1, d=16)
+    mask = seqpar.masks.Mask.build(True, (3, None), None)
+    out, lse = numpy_kernel.forward(q, k, v, scale=0.25, mask=mask, q_offset=0, k_offset=40)
+    assert not np.isnan(out).any()
+    assert np.all(lse[:, :, :40] == -np.inf) and not out[:, :40].any()
+    ref, ref_lse = reference_attention(q[:, 40:], k, v, softmax_scale=0.25,
+                                       visible=mask.visible_pairs(np.arange(40, 64),
+                                                                  40 + np.arange(64)))
+    assert relative_error(out[:, 40:], ref) <= TOL[dtype]
+    assert relative_error(lse[:, :, 40:], ref_lse) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_bitwise_deterministic(rng, dtype):
+    q, k, v = random_qkv(rng, dtype, b=1, sq=600, sk=1100, hq=4, hk=1, d=64)
+    dout = rng.standard_normal(q.shape).astype(dtype)
+    first = seqpar.attention(q, k, v, causal=True, return_lse=True)
+    grads = seqpar.attention_backward(dout, q, k, v, *first, causal=True)
+    for _ in range(2):
+        again = seqpar.attention(q, k, v, causal=True, return_lse=True)
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+        regrads = seqpar.attention_backward(dout, q, k, v, *again, causal=True)
+        assert all(np.array_equal(a, b) for a, b in zip(grads, regrads))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_kernels_agree(rng, dtype, monkeypatch):
+    """The compiled step and the NumPy passes within the dtype's tolerance."""
+    pytest.importorskip("numba")
+    q, k, v = random_qkv(rng, dtype, b=1, sq=520, sk=1030, hq=2, hk=2, d=64)
+    results = {}
+    for name in ("numpy", "numba"):
+        monkeypatch.setenv("SEQPAR_CPU_KERNEL", name)
+        results[name] = seqpar.attention(q, k, v, causal=True)
+    assert relative_error(results["numba"], results["numpy"].astype(np.float64)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_exp(dtype):
+    """The numba kernels' exp against NumPy's over the range they see (x <= 0)."""
+    pytest.importorskip("numba")
+    from numba import njit
+
+    from seqpar.local.numba_math import exp_nonpositive
+
+    @njit
+    def apply(x):
+        out = np.empty_like(x)
+        for i in range(x.shape[0]):
+            out[i] = exp_nonpositive(x[i])
+        return out
+
+    x = -np.concatenate([np.linspace(0, 120, 100001), [np.inf, 1e-30, 5e-8]]).astype(dtype)
+    got, want = apply(x), np.exp(x.astype(np.float64))
+    ulps = 4 * np.finfo(dtype).eps
+    tiny = np.finfo(dtype).tiny * 2 ** 10  # within the smallest normals: 0 is allowed
+    assert np.all((np.abs(got - want) <= ulps * want) | ((want < tiny) & (got <= tiny)))
+    assert got[-3] == 0 and got[0] == 1
