@@ -2,8 +2,11 @@
 # One device call: install the carried wheels (.whl: pytest-mpi), then the steps named
 # on the command line (default: all), each under its own time limit:
 #   kernel       GPU kernel tests (mma, Hopper, decode, backward) on one rank
+#                (KERNEL_TESTS: other test files)
 #   strategies   GPU strategy and transport tests at 1 and 2 ranks (sharing one GPU)
 #   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
+#   decode       examples/decode.py with --graph at 1 and 2 ranks, kv_sharded plan host
+#                time at 2 ranks (benchmarks/kv_plans.py)
 #   bench        a short forward benchmark against torch SDPA
 #   backward     the backward tests (both kernel paths), then a short backward benchmark
 #   graphs       CUDA graph capture and plan tests at 1 and 2 ranks, the capture tests
@@ -32,9 +35,9 @@ mpi=(mpiexec --allow-run-as-root --oversubscribe -n)  # then N python3 -m mpi4py
 for s in $steps; do
   case $s in
     kernel)
-      step kernel 420 python3 -m pytest -q -p no:cacheprovider -x -m gpu \
-        tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py tests/test_gpu_decode.py \
-        tests/test_gpu_backward.py ;;
+      step kernel ${KERNEL_TEST_LIMIT:-420} python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+        ${KERNEL_TESTS:-tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py \
+        tests/test_gpu_decode.py tests/test_gpu_backward.py} ;;
     strategies)
       for n in 1 2; do
         step strategies-$n 300 "${mpi[@]}" "$n" python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider -m gpu \
@@ -59,6 +62,13 @@ i.graph_memory = lambda first: contextlib.nullcontext()  # as before seqpar.grap
 sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu_graphs.py"]))'
       step graphs-bench 240 python3 benchmarks/gpu_graphs.py
       tail -14 "$OUT/graphs-bench.log" ;;
+    decode)
+      step decode-graph-1 120 python3 examples/decode.py --gpu --dtype bfloat16 --graph \
+        --capacity 262144 --heads 32 --kv-heads 8 --head-dim 128
+      step decode-graph-2 150 "${mpi[@]}" 2 python3 -m mpi4py examples/decode.py --gpu \
+        --dtype bfloat16 --graph --capacity 262144 --heads 32 --kv-heads 8 --head-dim 128
+      step kv-plans-2 150 "${mpi[@]}" 2 python3 -m mpi4py benchmarks/kv_plans.py --gpu
+      tail -4 "$OUT/decode-graph-1.log" "$OUT/decode-graph-2.log"; tail -8 "$OUT/kv-plans-2.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1

@@ -98,6 +98,31 @@ DEVI void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
       :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+// Two fp32 to / from shared memory at a 32-bit shared address (8-byte aligned).
+DEVI void st_shared2(u32 addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(x), "f"(y) : "memory");
+}
+DEVI float2 ld_shared2(u32 addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+// Adds `bytes` of fp32 (a multiple of 16, both addresses 16-byte aligned) from shared
+// memory into global memory, element by element (each add atomic at L2); tracked as a
+// bulk group of this thread (bulk_commit, then bulk_wait_read / bulk_wait).
+DEVI void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               :: "l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+DEVI void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until at most N of this thread's bulk groups still read their shared-memory source.
+template <int N> DEVI void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" :: "n"(N) : "memory");
+}
+// Until at most N of this thread's bulk groups are incomplete (writes performed).
+template <int N> DEVI void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" :: "n"(N) : "memory");
+}
 // Orders this thread's ordinary shared-memory writes before later async-proxy reads
 // (wgmma operands, TMA stores).
 DEVI void fence_proxy_async() {
@@ -141,10 +166,6 @@ DEVI void bar_arrive(int id, int threads) {
 }
 
 // ---- ordering between blocks (global memory, GPU scope) ---------------------------
-// Two fp32 atomic adds to consecutive words (8-byte aligned), no return value.
-DEVI void red_add2(float* p, float x, float y) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(p), "f"(x), "f"(y) : "memory");
-}
 DEVI int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
