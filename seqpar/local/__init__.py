@@ -41,8 +41,8 @@ dk and dv are (B, Sk, Hk, D), all in the accumulation dtype; dk and dv sum
 over the query heads that share a K/V head. accumulate=False overwrites them,
 accumulate=True adds this block's contribution. Rows with lse -inf contribute
 nothing (never NaN). deterministic=True (the default) gives the same bytes run to
-run; False lets a backend that adds dq by atomics (the Hopper kernel) drop the
-waits that fix their order.
+run; False lets a backend that adds dq in parallel (the Hopper kernel's bulk
+reductions) drop the waits that fix their order.
 """
 
 from types import ModuleType

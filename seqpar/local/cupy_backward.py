@@ -3,8 +3,8 @@ blocks for float32.
 
 Implements ``backward`` of the contract of :mod:`seqpar.local`. On Hopper, float16 and
 bfloat16 with head dims 64 and 128 run one fused wgmma kernel
-(``seqpar/local/cupy_sm90_backward.py``: dQ by ordered atomics, the same bytes run to
-run unless ``deterministic=False``); elsewhere two mma.sync kernels of
+(``seqpar/local/cupy_sm90_backward.py``: dQ by ordered bulk reductions, the same bytes
+run to run unless ``deterministic=False``); elsewhere two mma.sync kernels of
 ``kernels/flash_backward.cu`` (dK/dV per key tile, dQ per query tile: no atomics, always
 deterministic); float32 runs blocked cuBLAS matmuls over (query chunk, key chunk) pairs
 with the same mask rule, exact fp32 arithmetic.
