@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from seqpar.commands.bench import _document, _line, _merge, device_name, summary
+from seqpar.commands.bench import _line, _merge, device_name, summary, write_records
 
 __all__ = ["main", "missing_torch", "time_torch"]
 
@@ -109,14 +109,7 @@ def main(argv=None) -> int:
         seen.add(key)
         peers.append(time_torch(settings, r["seq"], args.threads, args.repeats))
         print(_line(peers[-1]), flush=True)
-    records = _merge(records, peers)
-    with open(args.json, "w") as out:
-        json.dump(_document(records), out, indent=1)
-    print(f"wrote {len(records)} record(s) to {args.json}", flush=True)
-    if args.plot:
-        from seqpar.commands.plot import plot_bench
-
-        print(f"wrote {plot_bench(records, args.plot)}", flush=True)
+    write_records(_merge(records, peers), args.json, args.plot)
     return 0
 
 

@@ -46,16 +46,21 @@ def bench(args) -> int:
             records.append(record)
             progress.write(_line(record))
     if comm.rank == 0:
-        if args.json:
-            records = _merge(earlier, records)
-            with open(args.json, "w") as out:
-                json.dump(_document(records), out, indent=1)
-            print(f"wrote {len(records)} record(s) to {args.json}", flush=True)
-        if args.plot:
-            from .plot import plot_bench
-
-            print(f"wrote {plot_bench(records, args.plot)}", flush=True)
+        write_records(_merge(earlier, records) if args.json else records, args.json,
+                      args.plot)
     return 0
+
+
+def write_records(records: list, json_path: str | None, plot_path: str | None) -> None:
+    """The records as a bench JSON file and as a figure, each where a path is given."""
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(_document(records), out, indent=1)
+        print(f"wrote {len(records)} record(s) to {json_path}", flush=True)
+    if plot_path:
+        from .plot import plot_bench
+
+        print(f"wrote {plot_bench(records, plot_path)}", flush=True)
 
 
 # What makes two records the same measurement: a new run replaces the old one's numbers.

@@ -125,12 +125,12 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     # few rows (decoding): one pass of the compiled kernel reads each key and value row
     # once for all rows, where BLAS would run two thin products; it gives up on a NaN
     # or inf score, and the NumPy passes start again
-    decoded = (fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
-               and _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
-                           v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin, o_tile,
-                           row_max, row_sum))
+    decoding = fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
+    decoded = decoding and _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
+                                   v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin,
+                                   o_tile, row_max, row_sum)
     if not decoded:
-        if fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM:
+        if decoding:  # the kernel gave up part-way: start again from empty accumulators
             o_tile[...], row_max[...], row_sum[...] = 0, -np.inf, 0
             fused = None
         _online_softmax(q_tile, k[b, :, h, :], v[b, :, h, :], lo, hi, j_begin, j_end, acc,

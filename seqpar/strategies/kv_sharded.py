@@ -74,13 +74,17 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
         # first, and a check_finite one reads every input: those are never planned
         plain = record.dispatch is None and check_finite is False
         channel = channel_of(context, create=False) if record.dispatch is None else None
+
+        def plan_of_call():
+            return plan_key(q, k, v, key_lengths, softmax_scale, return_lse, transport,
+                            qkv_format) + (capturing(q),)
+
         key = None
         if channel is not None:  # every rank has one: their calls so far were the same
             execution, lengths = None, None
             try:
                 if plain and record.deferred is None:
-                    key = plan_key(q, k, v, key_lengths, softmax_scale, return_lse, transport,
-                                   qkv_format) + (capturing(q),)
+                    key = plan_of_call()
                     execution = channel.plans.get(key)
                     if execution is not None:
                         lengths = execution.lengths(k, key_lengths)
@@ -100,8 +104,7 @@ def kv_sharded_attention(q: Array, k: Array, v: Array, *, comm: Comm | None = No
         execution, p, buffers = agreement.resources
         if plain:  # the same on every rank (check_finite and the dispatch were agreed)
             if key is None:
-                key = plan_key(q, k, v, key_lengths, softmax_scale, return_lse, transport,
-                               qkv_format) + (capturing(q),)
+                key = plan_of_call()
             channel_of(context, create=True).store(key, execution)
         return execution.run(p.q, p.k, p.v, agreement.settings["key_lengths"], buffers)
 
