@@ -12,6 +12,9 @@
 #   graphs       CUDA graph capture and plan tests at 1 and 2 ranks, the capture tests
 #                with the kept graph memory switched off (what they catch), decode
 #                latency per call and host time per call
+#   graph-tests  only the capture and plan tests of graphs, at 1 and 2 ranks
+#   counters     Nsight Compute counters of the Hopper backward kernel and cuDNN's
+#                (bf16, d=128, 16k, causal and not; report under $OUT)
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -52,11 +55,12 @@ for s in $steps; do
       bench_args=${BACKWARD_BENCH:---dtypes bf16 --dims 64,128 --ns 16384}
       step backward-bench ${BACKWARD_BENCH_LIMIT:-420} python3 benchmarks/gpu_backward.py $bench_args
       tail -8 "$OUT/backward-bench.log" ;;
-    graphs)
+    graphs|graph-tests)
       step graphs-1 300 python3 -m pytest --with-mpi -q -p no:cacheprovider -m gpu tests/test_gpu_graphs.py \
         tests/test_gpu_plans.py
       step graphs-2 200 "${mpi[@]}" 2 python3 -m mpi4py -m pytest --with-mpi -q -p no:cacheprovider \
         -m gpu tests/test_gpu_graphs.py -k "sharing or raises"
+      [ "$s" = graph-tests ] && continue
       step graphs-unkept 300 python3 -c 'import contextlib, sys, pytest, seqpar._interop as i
 i.graph_memory = lambda first: contextlib.nullcontext()  # as before seqpar.graphs
 sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests/test_gpu_graphs.py"]))'
@@ -69,6 +73,16 @@ sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu",
         --dtype bfloat16 --graph --capacity 262144 --heads 32 --kv-heads 8 --head-dim 128
       step kv-plans-2 150 "${mpi[@]}" 2 python3 -m mpi4py benchmarks/kv_plans.py --gpu
       tail -4 "$OUT/decode-graph-1.log" "$OUT/decode-graph-2.log"; tail -8 "$OUT/kv-plans-2.log" ;;
+    counters)
+      step counters 300 ncu --clock-control none --kernel-name-base demangled \
+        --kernel-name "regex:bwd_sm90<|bprop|dgrad" --launch-count 6 \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats -o "$OUT/backward_counters" -f \
+        python3 benchmarks/gpu_backward.py --once --dtypes bf16 --dims 128 --ns 16384
+      ncu --import "$OUT/backward_counters.ncu-rep" --page details >"$OUT/counters.txt" 2>&1
+      grep -aE "^  [a-z_]|bwd_sm90|Compute \(SM\) Throughput|Tensor|Issue Slots Busy|Stall|Warp Cycles Per Issued|Duration|Registers Per|Achieved Occupancy" \
+        "$OUT/counters.txt" | cut -c1-110 | head -60 ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1

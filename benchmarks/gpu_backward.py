@@ -29,9 +29,14 @@ from seqpar.local import cupy_kernel
 from seqpar.masks import Mask
 
 
+ONCE = False  # --once: each function runs once, untimed (for a profiler such as ncu)
+
+
 def timed(fn, repeats):
     fn()
     torch.cuda.synchronize()
+    if ONCE:
+        return float("nan")
     times = []
     for _ in range(5):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -53,7 +58,11 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--extra", action="store_true")
     parser.add_argument("--layer", action="store_true")
+    parser.add_argument("--once", action="store_true",
+                        help="run each function once, untimed (under a profiler)")
     args = parser.parse_args()
+    global ONCE
+    ONCE = args.once
     cases = [(dt, d, n, causal, args.heads, args.heads)
              for dt in args.dtypes.split(",") for d in map(int, args.dims.split(","))
              for n in map(int, args.ns.split(",")) for causal in (False, True)]
