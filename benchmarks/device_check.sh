@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: install the carried wheels (.whl: pytest-mpi), then the steps named
+# One device call: install the carried wheels (.whl: pytest-mpi; .whl-cpu, where present:
+# numba and llvmlite for the compiled CPU kernels), then the steps named
 # on the command line (default: all), each under its own time limit:
 #   kernel       GPU kernel tests (mma, Hopper, decode, backward) on one rank
 #                (KERNEL_TESTS: other test files)
@@ -15,12 +16,19 @@
 #   graph-tests  only the capture and plan tests of graphs, at 1 and 2 ranks
 #   counters     Nsight Compute counters of the Hopper backward kernel and cuDNN's
 #                (bf16, d=128, 16k, causal and not; report under $OUT)
+#   cpu-node     the host CPU: ring attention at every ranks x threads split of its 16
+#                cores against torch's CPU SDPA, one rank's thread scaling
+#                (benchmarks/cpu_node.py; JSON under $OUT)
 # Logs under $OUT; a short summary last. Run from the repository root on a GPU machine.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
   >/dev/null 2>&1
+if [ -d .whl-cpu ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-cpu/*.whl \
+    >/dev/null 2>&1
+fi
 export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -83,6 +91,9 @@ sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu",
       ncu --import "$OUT/backward_counters.ncu-rep" --page details >"$OUT/counters.txt" 2>&1
       grep -aE "^  [a-z_]|bwd_sm90|Compute \(SM\) Throughput|Tensor|Issue Slots Busy|Stall|Warp Cycles Per Issued|Duration|Registers Per|Achieved Occupancy" \
         "$OUT/counters.txt" | cut -c1-110 | head -60 ;;
+    cpu-node)
+      step cpu-node 300 python3 benchmarks/cpu_node.py --json "$OUT/cpu_node.json"
+      sed -n "/^## seqpar on one CPU node/,\$p" "$OUT/cpu-node.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1
