@@ -694,8 +694,10 @@ def _boot_id() -> str:
 
 def _thread_count() -> int:
     """Threads of seqpar's tile pool (as seqpar.local.numpy_kernel counts them)."""
+    from .local.numpy_kernel import pool_threads
+
     try:
-        return int(os.environ.get("SEQPAR_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+        return pool_threads()
     except (ValueError, AttributeError, OSError):
         return os.cpu_count() or 1
 

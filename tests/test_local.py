@@ -228,6 +228,19 @@ def test_default_threads_is_cpu_count(threads, monkeypatch):
         assert pool._max_workers == n
 
 
+@pytest.mark.parametrize("value", ["", "  ", "0"])
+def test_empty_threads_variable_is_the_default(monkeypatch, value):
+    monkeypatch.setenv("SEQPAR_NUM_THREADS", value)
+    assert numpy_kernel.pool_threads() == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("value", ["two", "-3", "1.5"])
+def test_bad_threads_variable_names_it(monkeypatch, value):
+    monkeypatch.setenv("SEQPAR_NUM_THREADS", value)
+    with pytest.raises(ValueError, match="SEQPAR_NUM_THREADS"):
+        numpy_kernel.pool_threads()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bitwise_deterministic(monkeypatch, rng, dtype):
     monkeypatch.setattr(numpy_kernel, "_TILE_ROWS", 8)

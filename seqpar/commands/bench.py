@@ -214,7 +214,9 @@ def device_name(gpu: bool) -> str:
 
 def _threads_per_rank() -> int:
     """The threads a rank computes on: the rule of seqpar.local.numpy_kernel's pool."""
-    return int(os.environ.get("SEQPAR_NUM_THREADS", "") or 0) or len(os.sched_getaffinity(0))
+    from ..local.numpy_kernel import pool_threads
+
+    return pool_threads()
 
 
 def _synchronize(xp) -> None:

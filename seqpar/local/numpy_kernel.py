@@ -284,6 +284,18 @@ def run_jobs(jobs) -> None:
             done.result()
 
 
+def pool_threads() -> int:
+    """Threads of the tile pool: SEQPAR_NUM_THREADS, by default (unset, empty or 0) one
+    per core this process may run on (an MPI rank bound to one core gets one)."""
+    text = os.environ.get("SEQPAR_NUM_THREADS", "").strip()
+    if not text.isdigit():
+        if text:
+            raise ValueError(f"SEQPAR_NUM_THREADS={text!r}: expected a whole number of "
+                             "threads (or unset, for one thread per usable core)")
+        text = "0"
+    return int(text) or len(os.sched_getaffinity(0))
+
+
 @functools.lru_cache(maxsize=None)
 def _threads():
     """A process-wide pool for tile jobs (NumPy and BLAS release the GIL) and a BLAS
@@ -292,7 +304,7 @@ def _threads():
     The pool has SEQPAR_NUM_THREADS threads, by default one per core this process may
     run on (an MPI rank bound to one core gets one).
     """
-    threads = int(os.environ.get("SEQPAR_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
+    threads = pool_threads()
     if threads <= 1:
         return None, None
     from threadpoolctl import ThreadpoolController
