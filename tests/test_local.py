@@ -228,6 +228,17 @@ def test_default_threads_is_cpu_count(threads, monkeypatch):
         assert pool._max_workers == n
 
 
+def test_masked_row_tiles_run_longest_first():
+    tiles = [(0, 0, p0, p0 + 4) for p0 in range(0, 16, 4)]
+    causal = Mask.build(True)
+    ordered = numpy_kernel._longest_first(tiles, causal, 0, 0, 16)
+    assert ordered == tiles[::-1]  # the last rows see the most keys
+    assert numpy_kernel._longest_first(tiles, None, 0, 0, 16) == tiles
+    window = Mask.build(False, window=(2, 2))  # the edges see 6 keys, the middle 8
+    ordered = numpy_kernel._longest_first(tiles, window, 0, 0, 16)
+    assert ordered == [tiles[1], tiles[2], tiles[0], tiles[3]]
+
+
 @pytest.mark.parametrize("value", ["", "  ", "0"])
 def test_empty_threads_variable_is_the_default(monkeypatch, value):
     monkeypatch.setenv("SEQPAR_NUM_THREADS", value)

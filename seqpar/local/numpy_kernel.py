@@ -51,7 +51,8 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     jobs = [functools.partial(_attend_tile, q, k, v, out, lse, float(scale), mask, int(q_offset),
                               int(k_offset), b, h, p0, p1, _key_limit(key_lengths, b, k.shape[1]),
                               accumulate)
-            for b, h, p0, p1 in _row_tiles(q, k)]
+            for b, h, p0, p1 in _longest_first(_row_tiles(q, k), mask, q_offset, k_offset,
+                                               k.shape[1])]
     run_jobs(jobs)
     return out, lse
 
@@ -74,6 +75,20 @@ def _row_tiles(q, k):
     step = max(1, _TILE_ROWS // group)
     return [(b, h, p0, min(p0 + step, sq)) for b in range(batch) for h in range(k.shape[2])
             for p0 in range(0, sq, step)]
+
+
+def _longest_first(tiles, mask, q_offset, k_offset, sk):
+    """Row tiles in decreasing order of the keys they see, so that under a mask the pool
+    starts the long jobs first and does not end on one of them alone (each job writes its
+    own rows: the order changes no result)."""
+    if mask is None or len(tiles) <= 1:
+        return tiles
+    first = np.array([q_offset + p0 for _, _, p0, _ in tiles], dtype=np.int64)
+    last = np.array([q_offset + p1 - 1 for _, _, _, p1 in tiles], dtype=np.int64)
+    lo, _ = mask.bounds(first)
+    _, hi = mask.bounds(last)
+    keys = np.clip(hi + 1 - k_offset, 0, sk) - np.clip(lo - k_offset, 0, sk)
+    return [tiles[i] for i in np.argsort(-keys, kind="stable")]
 
 
 def _key_limit(key_lengths, b, sk):
