@@ -694,11 +694,11 @@ def _boot_id() -> str:
 
 def _thread_count() -> int:
     """Threads of seqpar's tile pool (as seqpar.local.numpy_kernel counts them)."""
-    from .local.numpy_kernel import pool_threads
-
+    # the rule of numpy_kernel.pool_threads, restated: this module also loads on its own
+    text = os.environ.get("SEQPAR_NUM_THREADS", "").strip()
     try:
-        return pool_threads()
-    except (ValueError, AttributeError, OSError):
+        return (int(text) if text.isdigit() else 0) or len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
         return os.cpu_count() or 1
 
 
