@@ -140,3 +140,87 @@ def test_compiled_exp(dtype):
     tiny = np.finfo(dtype).tiny * 2 ** 10  # within the smallest normals: 0 is allowed
     assert np.all((np.abs(got - want) <= ulps * want) | ((want < tiny) & (got <= tiny)))
     assert got[-3] == 0 and got[0] == 1
+
+
+# The all-heads decode kernel (float32, head dims that are multiples of 32, up to
+# _DECODE_ROWS rows per K/V head): several key pieces and a tail of less than 16 keys.
+_LONG = 2 * numpy_kernel._DECODE_PIECE + 37
+
+
+@pytest.mark.parametrize("d", [32, 96, 128])
+@pytest.mark.parametrize("queries,hq,hk", [(1, 8, 2), (2, 4, 1), (1, 3, 3), (1, 1, 1)])
+def test_all_heads_decode_against_float64(rng, cpu_kernel, d, queries, hq, hk):
+    q, k, v = random_qkv(rng, "float32", b=2, sq=queries, sk=_LONG, hq=hq, hk=hk, d=d)
+    q *= 2  # peaked rows: the running max moves between chunks and pieces
+    if cpu_kernel == "numba":
+        assert numpy_kernel._decodes_all_heads(q, k)
+    lengths = np.array([_LONG, 20000])
+    out, lse = seqpar.attention(q, k, v, key_lengths=lengths, return_lse=True)
+    for b, n in enumerate(lengths):
+        ref, ref_lse = reference_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n])
+        assert relative_error(out[b:b + 1], ref) <= TOL["float32"]
+        assert relative_error(lse[b:b + 1], ref_lse) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "transposed", "readonly"])
+@pytest.mark.parametrize("window", [None, (5000, None), (40, None)])
+def test_all_heads_decode_masks_and_layouts(rng, layout, window):
+    """The last queries of a causal sequence (a window hides the first pieces or all
+    but 41 keys), the cache in every layout, read in place and left unchanged."""
+    sq, sk = 2, 20000 + 19
+    q, k, v = random_qkv(rng, "float32", b=2, sq=sq, sk=sk, hq=4, hk=2, d=64)
+    arrays = [_layouts(x)[layout] for x in (q, k, v)]
+    before = [x.copy() for x in arrays]
+    mask = seqpar.masks.Mask.build(True, window)
+    out, lse = numpy_kernel.forward(*arrays, scale=0.125, mask=mask, q_offset=sk - sq,
+                                    k_offset=0)
+    for x, y in zip(arrays, before):
+        assert np.array_equal(x, y)
+    visible = mask.visible_pairs(np.arange(sk - sq, sk), np.arange(sk))
+    ref, ref_lse = reference_attention(q, k, v, softmax_scale=0.125, visible=visible)
+    assert relative_error(out, ref) <= TOL["float32"]
+    assert relative_error(lse, ref_lse) <= TOL["float32"]
+
+
+def test_all_heads_decode_nan_key_propagates(rng, monkeypatch):
+    """A NaN key makes NaN the rows of its K/V head, as the NumPy passes do; the other
+    batch row keeps the decode kernel's result."""
+    q, k, v = random_qkv(rng, "float32", b=2, sq=1, sk=_LONG, hq=4, hk=2, d=64)
+    k[0, 17000, 1, 5] = np.nan
+    out = seqpar.attention(q, k, v)
+    monkeypatch.setenv("SEQPAR_CPU_KERNEL", "numpy")
+    want = seqpar.attention(q, k, v)
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+    assert np.isnan(out[0, :, 2:]).all() and not np.isnan(out[0, :, :2]).any()
+    assert relative_error(out[1], want[1].astype(np.float64)) <= TOL["float32"]
+
+
+def test_all_heads_decode_same_bytes_any_thread_count(rng, cpu_kernel, monkeypatch):
+    """Fixed key pieces: one thread and the default pool give the same bytes, twice
+    (the BLAS tiles need not: BLAS splits its work by its own thread count)."""
+    if cpu_kernel != "numba":
+        pytest.skip("the decode kernel's property")
+    q, k, v = random_qkv(rng, "float32", b=1, sq=1, sk=_LONG, hq=8, hk=2, d=64)
+    first = seqpar.attention(q, k, v, return_lse=True)
+    try:
+        monkeypatch.setenv("SEQPAR_NUM_THREADS", "1")
+        numpy_kernel._threads.cache_clear()
+        for _ in range(2):
+            again = seqpar.attention(q, k, v, return_lse=True)
+            assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    finally:
+        monkeypatch.delenv("SEQPAR_NUM_THREADS")
+        numpy_kernel._threads.cache_clear()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_all_heads_decode_accumulates(rng, accumulate):
+    """forward(accumulate=True) merges the decode kernel's block into out and lse."""
+    q, k, v = random_qkv(rng, "float32", b=1, sq=1, sk=3000, hq=4, hk=2, d=64)
+    out, lse = numpy_kernel.forward(q, k[:, :1000], v[:, :1000], scale=0.125)
+    out, lse = numpy_kernel.forward(q, k[:, 1000:], v[:, 1000:], scale=0.125, out=out,
+                                    lse=lse, accumulate=accumulate)
+    lo = 0 if accumulate else 1000
+    ref, ref_lse = reference_attention(q, k[:, lo:], v[:, lo:], softmax_scale=0.125)
+    assert relative_error(out, ref) <= TOL["float32"]
+    assert relative_error(lse, ref_lse) <= TOL["float32"]

@@ -11,8 +11,12 @@ what every mask gives (:mod:`seqpar.masks`); columns outside it become 0.
   exponentials in place, row sums, rescale of the output accumulator).
 - :func:`probabilities`, :func:`softmax_grad`: the backward's ``P = exp(S - lse)`` and
   ``dS = P * (dP - delta)``.
-- :func:`decode`: attention of a few rows over a long run of keys without BLAS, reading
-  each key and value row once for all rows of a GQA group (decoding).
+- :func:`decode_heads`: attention of a few rows per K/V head over a run of keys without
+  BLAS, for every K/V head at once (each cache line of the (keys, heads, d) cache read
+  once), in explicit 16-lane vectors (:mod:`seqpar.local.numba_simd`): float32, d a
+  multiple of 32 (decoding).
+- :func:`decode`: the same for one K/V head in plain loops, any float dtype and d (the
+  score dot products end in horizontal reductions: slower).
 
 Every kernel is compiled on first use for float32 and float64 and cached on disk
 (``cache=True``); results are the same bytes run to run (the loop order is fixed by
@@ -25,13 +29,33 @@ import numpy as np
 from numba import njit
 
 from .numba_math import FASTMATH, exp_nonpositive, fmax, not_finite, prefer_wide_vectors
+from .numba_simd import (
+    LANES,
+    fold1,
+    fold2,
+    fold4,
+    fold8,
+    prefetch,
+    vfma,
+    vload,
+    vsplat,
+    vstore,
+    vzero,
+)
 
-__all__ = ["DECODE_CHUNK", "decode", "not_finite", "probabilities", "softmax_grad",
-           "softmax_step"]
+__all__ = ["DECODE_CHUNK", "DECODE_HEADS_COLUMNS", "decode", "decode_heads", "not_finite",
+           "probabilities", "softmax_grad", "softmax_step"]
 
 # Keys per chunk of the decode kernel: a chunk's scores (rows x chunk) stay in L1/L2
 # between the score, softmax and value passes, while K and V stream from memory once.
 DECODE_CHUNK = 512
+# decode_heads takes float32 rows of a multiple of this many columns (two vectors)
+DECODE_HEADS_COLUMNS = 2 * LANES
+# decode_heads: floats of one column step of a reordered block of LANES keys, and how
+# many keys ahead of the one in use it asks for K and V rows (measured: 64 keys beat
+# none by ~15% at d = 64 and changed nothing at d = 128; benchmarks/cpu_decode.md)
+_BLOCK_STEP = LANES * LANES
+_PREFETCH_KEYS = 64
 
 _JIT = {"nogil": True, "cache": True, "fastmath": FASTMATH, "error_model": "numpy"}
 
@@ -189,4 +213,157 @@ def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_
                 orow = out[r]
                 for c in range(d):
                     orow[c] += p * vr[c]
+    return True
+
+
+@njit(inline="always", **_JIT)
+def _gather_keys(k, k_stride, v, v_stride, j, last, d, block):
+    """Key rows j .. j + 15 (clamped to ``last``: the copies are ignored) into ``block``
+    as ``block[step * 256 + m * 16 + i] = k[row_m * k_stride + step * 16 + i]``, so the
+    score pass reads 16 keys' vectors of one column step at fixed offsets; asks for the
+    K and V rows _PREFETCH_KEYS keys ahead."""
+    for m in range(LANES):
+        source = min(j + m, last) * k_stride
+        ahead = min(j + m + _PREFETCH_KEYS, last)
+        for c in range(0, d, LANES):
+            prefetch(k, ahead * k_stride + c)
+            prefetch(v, ahead * v_stride + c)
+            vstore(block, (c // LANES) * _BLOCK_STEP + m * LANES, vload(k, source + c))
+
+
+@njit(inline="always", **_JIT)
+def _score_keys(q_row, block, d, scores_row, at):
+    """``scores_row[at:at + 16]`` = the dot products of ``q_row`` with the 16 keys of
+    ``block`` (:func:`_gather_keys`): 16 independent vector sums over the column steps,
+    then four fold steps that sum each vector's lanes into one lane per key."""
+    # accumulator m sums key bitrev4(m), so that the folds put key i in lane i
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = vzero()
+    for c in range(0, d, LANES):
+        x = vload(q_row, c)
+        b = (c // LANES) * _BLOCK_STEP
+        a0 = vfma(x, vload(block, b + 0 * LANES), a0)
+        a1 = vfma(x, vload(block, b + 8 * LANES), a1)
+        a2 = vfma(x, vload(block, b + 4 * LANES), a2)
+        a3 = vfma(x, vload(block, b + 12 * LANES), a3)
+        a4 = vfma(x, vload(block, b + 2 * LANES), a4)
+        a5 = vfma(x, vload(block, b + 10 * LANES), a5)
+        a6 = vfma(x, vload(block, b + 6 * LANES), a6)
+        a7 = vfma(x, vload(block, b + 14 * LANES), a7)
+        a8 = vfma(x, vload(block, b + 1 * LANES), a8)
+        a9 = vfma(x, vload(block, b + 9 * LANES), a9)
+        a10 = vfma(x, vload(block, b + 5 * LANES), a10)
+        a11 = vfma(x, vload(block, b + 13 * LANES), a11)
+        a12 = vfma(x, vload(block, b + 3 * LANES), a12)
+        a13 = vfma(x, vload(block, b + 11 * LANES), a13)
+        a14 = vfma(x, vload(block, b + 7 * LANES), a14)
+        a15 = vfma(x, vload(block, b + 15 * LANES), a15)
+    e0, e1, e2, e3 = fold8(a0, a1), fold8(a2, a3), fold8(a4, a5), fold8(a6, a7)
+    e4, e5, e6, e7 = fold8(a8, a9), fold8(a10, a11), fold8(a12, a13), fold8(a14, a15)
+    f0, f1, f2, f3 = fold4(e0, e1), fold4(e2, e3), fold4(e4, e5), fold4(e6, e7)
+    vstore(scores_row, at, fold1(fold2(f0, f1), fold2(f2, f3)))
+
+
+@njit(inline="always", **_JIT)
+def _add_values(v, v_stride, j0, n, p, out, rows, d):
+    """``out += p[:, :n] @ V[j0:j0 + n]``, rows four at a time (the last block repeats
+    the last row: the repeat computes the same bytes) and columns 32 at a time, the
+    4 x 32 block of out kept in registers over the n keys."""
+    for r0 in range(0, rows, 4):
+        i0, i1 = r0, min(r0 + 1, rows - 1)
+        i2, i3 = min(r0 + 2, rows - 1), min(r0 + 3, rows - 1)
+        p0, p1, p2, p3 = p[i0], p[i1], p[i2], p[i3]
+        w0, w1, w2, w3 = out[i0], out[i1], out[i2], out[i3]
+        for c in range(0, d, 2 * LANES):
+            o00, o01 = vload(w0, c), vload(w0, c + LANES)
+            o10, o11 = vload(w1, c), vload(w1, c + LANES)
+            o20, o21 = vload(w2, c), vload(w2, c + LANES)
+            o30, o31 = vload(w3, c), vload(w3, c + LANES)
+            for j in range(n):
+                at = (j0 + j) * v_stride + c
+                x0, x1 = vload(v, at), vload(v, at + LANES)
+                s = vsplat(p0[j])
+                o00, o01 = vfma(s, x0, o00), vfma(s, x1, o01)
+                s = vsplat(p1[j])
+                o10, o11 = vfma(s, x0, o10), vfma(s, x1, o11)
+                s = vsplat(p2[j])
+                o20, o21 = vfma(s, x0, o20), vfma(s, x1, o21)
+                s = vsplat(p3[j])
+                o30, o31 = vfma(s, x0, o30), vfma(s, x1, o31)
+            vstore(w3, c, o30)
+            vstore(w3, c + LANES, o31)
+            vstore(w2, c, o20)
+            vstore(w2, c + LANES, o21)
+            vstore(w1, c, o10)
+            vstore(w1, c + LANES, o11)
+            vstore(w0, c, o00)
+            vstore(w0, c + LANES, o01)
+
+
+@njit(**_JIT)
+def decode_heads(q, k, k_stride, k_head, v, v_stride, v_head, keys, lo, hi, masked, out,
+                 row_max, row_sum, scores, block):
+    """Attention of a few query rows per K/V head over ``keys`` keys, every head in one
+    pass over the cache, without BLAS (float32 only).
+
+    Parameters
+    ----------
+    q : ndarray of float32, (heads, rows, d), C order
+        Scaled queries: the rows of each K/V head's GQA group; d a multiple of
+        ``DECODE_HEADS_COLUMNS``.
+    k, v : ndarray of float32, 1-D, read only
+        Row i of head h at ``x[h * head + i * stride:][:d]`` (the cache read in place).
+    k_stride, k_head, v_stride, v_head : int
+        Elements between consecutive key (value) rows, and between heads.
+    keys : int
+        Number of key rows.
+    lo, hi : ndarray of int64, (rows,)
+        Visible keys [lo, hi] of each row (local), the same for every head; read only
+        when ``masked``.
+    masked : bool
+    out : ndarray of float32, (heads, rows, d), C order
+        Unnormalised output accumulators (zeros on entry for a fresh pass).
+    row_max, row_sum : ndarray of float32, (heads, rows)
+        Running max and sum, as in :func:`softmax_step`.
+    scores : ndarray of float32, (rows, DECODE_CHUNK), C order
+        Scratch.
+    block : ndarray of float32, (16 * d,)
+        Scratch (16 key rows, reordered).
+
+    Returns
+    -------
+    bool
+        False, with the accumulators left part-way, when a score is NaN or inf (the
+        caller then runs the NumPy passes, which propagate it), else True.
+
+    Per chunk of DECODE_CHUNK keys and per head: the scores of every row
+    (:func:`_score_keys`, 16 keys at a time), the online-softmax step, and the values
+    (:func:`_add_values`); the chunk's other heads are the neighbouring cache lines,
+    so the cache streams through once.
+    """
+    prefer_wide_vectors()
+    heads, rows, d = q.shape
+    chunk = scores.shape[1]
+    for j0 in range(0, keys, chunk):
+        n = min(chunk, keys - j0)
+        for h in range(heads):
+            k_h, v_h = k[h * k_head:], v[h * v_head:]
+            q_h, out_h, max_h, sum_h = q[h], out[h], row_max[h], row_sum[h]
+            for jb in range(0, n, LANES):
+                _gather_keys(k_h, k_stride, v_h, v_stride, j0 + jb, keys - 1, d, block)
+                for r in range(rows):
+                    _score_keys(q_h[r], block, d, scores[r], jb)
+            for r in range(rows):
+                if not_finite(scores[r, :n]):
+                    return False
+            for r in range(rows):
+                lo_r = lo[r] - j0 if masked else 0
+                hi_r = hi[r] - j0 if masked else n - 1
+                a = min(max(lo_r, 0), n)
+                b = max(min(hi_r + 1, n), a)
+                alpha = _row_update(scores[r, :n], a, b, r, max_h, sum_h)
+                orow = out_h[r]
+                for c in range(d):
+                    orow[c] *= alpha
+            _add_values(v_h, v_stride, j0, n, scores, out_h, rows, d)
     return True

@@ -32,11 +32,18 @@ SPLIT_CARRY = True
 _TILE_ROWS = 512
 _TILE_KEYS = 512
 
-# Up to this many rows (query positions x heads of a GQA group) per job and this head
-# dim, the compiled decode kernel replaces the BLAS tiles; beyond them BLAS is faster
-# (measured: benchmarks/cpu_decode.md).
+# Up to this many rows (query positions x heads of a GQA group) per job, a compiled
+# decode kernel replaces the BLAS tiles: for float32 and head dims that are multiples
+# of 32 the vector kernel over every K/V head at once (any d: 2x the one below at d 64
+# and 128), else the one-head kernel up to _DECODE_HEAD_DIM; beyond them BLAS is
+# faster (measured: benchmarks/cpu_decode.md; with 64 rows the vector kernel only
+# matches BLAS).
 _DECODE_ROWS = 8
 _DECODE_HEAD_DIM = 64
+# Keys per job of the all-heads decode kernel: jobs split a batch row's keys (a fixed
+# length, so the bytes of the result do not depend on the number of threads) and
+# their partial results merge in key order.
+_DECODE_PIECE = 16384
 _NO_BOUNDS = np.zeros(0, dtype=np.int64)  # the compiled kernels' "no mask" bounds
 
 
@@ -48,11 +55,14 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
         out = np.empty(q.shape, dtype=q.dtype)
     if lse is None:
         lse = np.empty((batch, hq, sq), dtype=CARRY_DTYPE)
-    jobs = [functools.partial(_attend_tile, q, k, v, out, lse, float(scale), mask, int(q_offset),
-                              int(k_offset), b, h, p0, p1, _key_limit(key_lengths, b, k.shape[1]),
-                              accumulate)
-            for b, h, p0, p1 in _longest_first(_row_tiles(q, k), mask, q_offset, k_offset,
-                                               k.shape[1])]
+    settings = (float(scale), mask, int(q_offset), int(k_offset))
+    batches = range(batch)
+    if _decodes_all_heads(q, k):
+        batches = _decode_all_heads(q, k, v, out, lse, *settings, key_lengths, accumulate)
+    tiles = [tile for tile in _row_tiles(q, k) if tile[0] in batches]
+    jobs = [functools.partial(_attend_tile, q, k, v, out, lse, *settings, b, h, p0, p1,
+                              _key_limit(key_lengths, b, k.shape[1]), accumulate)
+            for b, h, p0, p1 in _longest_first(tiles, mask, q_offset, k_offset, k.shape[1])]
     run_jobs(jobs)
     return out, lse
 
@@ -150,6 +160,15 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
             fused = None
         _online_softmax(q_tile, k[b, :, h, :], v[b, :, h, :], lo, hi, j_begin, j_end, acc,
                         o_tile, row_max, row_sum, fused)
+    _write_rows(out, lse, b, h, p0, p1, o_tile, row_max, row_sum, accumulate)
+
+
+def _write_rows(out, lse, b, h, p0, p1, o_tile, row_max, row_sum, accumulate):
+    """Normalise the running (o_tile, row_max, row_sum) of query positions [p0, p1) of
+    K/V head h's GQA group (rows ordered (position, head in group)) and write them to
+    out and lse, merged with what these hold when ``accumulate``."""
+    group, d = o_tile.shape[0] // (p1 - p0), o_tile.shape[1]
+    heads = slice(h * group, (h + 1) * group)
     seen = row_sum > 0
     o_tile /= np.where(seen, row_sum, 1)[:, None]
     # the block's lse as (top, rest): its row max and the log of the sum below it
@@ -161,8 +180,8 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     if accumulate:
         old = (lse_rows[..., 0], lse_rows[..., 1]) if split else lse_rows.astype(CARRY_DTYPE)
         w_old, w_new, merged = merge_weights(old, (top, rest))
-        o_tile *= w_new.T[..., None].astype(acc)
-        o_tile += w_old.T[..., None].astype(acc) * out_rows
+        o_tile *= w_new.T[..., None].astype(o_tile.dtype)
+        o_tile += w_old.T[..., None].astype(o_tile.dtype) * out_rows
         top, rest = merged
     out_rows[...] = o_tile
     if split:
@@ -223,6 +242,108 @@ def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
     row_sum += scores.sum(axis=1)
     o_tile *= rescale[:, None]
     row_max[...] = new_max
+
+
+def _decodes_all_heads(q, k):
+    """Whether forward runs the all-heads vector decode kernel: compiled kernels, float32
+    accumulation, few rows per K/V head, a head dim it takes."""
+    fused = compiled()
+    rows = q.shape[1] * (q.shape[2] // k.shape[2])
+    return (fused is not None and accumulation_dtype(q.dtype) == np.float32
+            and 0 < rows <= _DECODE_ROWS and q.shape[3] % fused.DECODE_HEADS_COLUMNS == 0)
+
+
+def _decode_all_heads(q, k, v, out, lse, scale, mask, q_offset, k_offset, key_lengths,
+                      accumulate):
+    """Forward by the all-heads decode kernel: one job per batch row and piece of
+    _DECODE_PIECE keys, reading every K/V head in one pass, its partial results merged
+    in key order. Returns the batch rows it left to the tile jobs: those whose scaled
+    queries or scores hold a NaN or inf (the NumPy passes propagate it)."""
+    fused = compiled()
+    batch, sq, hq, d = q.shape
+    hk = k.shape[2]
+    group = hq // hk
+    rows = sq * group
+    parts, left = {}, []
+    jobs = []
+    for b in range(batch):
+        j_begin, j_end, lo, hi = visible_key_range(mask, q_offset, k_offset, 0, sq,
+                                                   _key_limit(key_lengths, b, k.shape[1]))
+        # rows (position, head in group) of each K/V head
+        q_rows = np.multiply(q[b], scale, dtype=np.float32).reshape(sq, hk, group, d)
+        q_rows = np.ascontiguousarray(q_rows.transpose(1, 0, 2, 3)).reshape(hk, rows, d)
+        if not np.isfinite(q_rows).all():
+            left.append(b)
+            continue
+        if lo is not None:
+            lo, hi = np.repeat(lo, group), np.repeat(hi, group)
+        starts = [j0 for j0 in range(j_begin, j_end, _DECODE_PIECE)
+                  if _tile_kind(lo, hi, j0, min(j0 + _DECODE_PIECE, j_end)) != HIDDEN]
+        parts[b] = [_empty_part(hk, rows, d) for _ in starts]
+        jobs += [functools.partial(_decode_piece, fused, q_rows, k[b], v[b], lo, hi, j0,
+                                   min(j0 + _DECODE_PIECE, j_end), part)
+                 for j0, part in zip(starts, parts[b])]
+    run_jobs(jobs)
+    for b, pieces in parts.items():
+        if not all(done for *_, done in pieces):
+            left.append(b)
+            continue
+        o_rows, row_max, row_sum = _merge_parts(pieces, hk, rows, d)
+        for h in range(hk):
+            _write_rows(out, lse, b, h, 0, sq, o_rows[h], row_max[h], row_sum[h], accumulate)
+    return left
+
+
+def _empty_part(hk, rows, d):
+    """A piece's (out, row max, row sum, done) before its keys."""
+    return [np.zeros((hk, rows, d), dtype=np.float32),
+            np.full((hk, rows), -np.inf, dtype=np.float32),
+            np.zeros((hk, rows), dtype=np.float32), False]
+
+
+def _decode_piece(fused, q_rows, k, v, lo, hi, j0, j1, part):
+    """Keys [j0, j1) of k, v (keys, heads, d) into ``part`` (:func:`_empty_part`)."""
+    k_flat, k_stride, k_head = _rows_heads(k[j0:j1])
+    v_flat, v_stride, v_head = _rows_heads(v[j0:j1])
+    masked = lo is not None
+    scores = np.empty((q_rows.shape[1], fused.DECODE_CHUNK), dtype=np.float32)
+    block = np.empty(fused.LANES * q_rows.shape[2], dtype=np.float32)
+    part[3] = fused.decode_heads(
+        q_rows, k_flat, k_stride, k_head, v_flat, v_stride, v_head, j1 - j0,
+        lo - j0 if masked else _NO_BOUNDS, hi - j0 if masked else _NO_BOUNDS, masked,
+        part[0], part[1], part[2], scores, block)
+
+
+def _merge_parts(pieces, hk, rows, d):
+    """The online-softmax state of consecutive pieces of keys merged, in their order."""
+    if not pieces:
+        return _empty_part(hk, rows, d)[:3]
+    o_rows, row_max, row_sum, _ = pieces[0]
+    for o_next, max_next, sum_next, _ in pieces[1:]:
+        top = np.maximum(row_max, max_next)
+        finite = np.where(top == -np.inf, 0, top)
+        w_old, w_new = np.exp(row_max - finite), np.exp(max_next - finite)
+        o_rows = o_rows * w_old[..., None] + o_next * w_new[..., None]
+        row_sum = row_sum * w_old + sum_next * w_new
+        row_max = top
+    return o_rows, row_max, row_sum
+
+
+def _rows_heads(x):
+    """(flat, key stride, head stride): a read-only 1-D float32 view over 3-D ``x``
+    (keys, heads, d) with row i of head h at ``flat[h * head + i * stride:][:d]``, in
+    place when x is float32 with contiguous, ascending rows, else over a C-order copy."""
+    keys, heads, d = x.shape
+    item = 4
+    inplace = (x.dtype == np.float32 and keys > 0 and (d <= 1 or x.strides[2] == item)
+               and all(s >= 0 and s % item == 0 for s in x.strides[:2]))
+    if not inplace:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    stride = x.strides[0] // item if keys > 1 else heads * d
+    head = x.strides[1] // item if heads > 1 else d
+    span = (keys - 1) * stride + (heads - 1) * head + d if keys else 0
+    flat = np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(item,), writeable=False)
+    return flat, stride, head
 
 
 def _decode(fused, q_tile, k, v, lo, hi, j_begin, o_tile, row_max, row_sum):
