@@ -3,12 +3,16 @@
 # numba and llvmlite for the compiled CPU kernels), then the steps named
 # on the command line (default: all), each under its own time limit:
 #   kernel       GPU kernel tests (mma, Hopper, decode, backward) on one rank
-#                (KERNEL_TESTS: other test files)
+#                (KERNEL_TESTS: other test files, KERNEL_K: pytest -k)
 #   strategies   GPU strategy and transport tests at 1 and 2 ranks (sharing one GPU)
 #   cpu          the CPU suite's fault and agreement tests at 2 ranks on the host cores
 #   decode       examples/decode.py with --graph at 1 and 2 ranks, kv_sharded plan host
 #                time at 2 ranks (benchmarks/kv_plans.py)
 #   bench        a short forward benchmark against torch SDPA
+#   forward      the Hopper forward's tests (FORWARD_TESTS: pytest -k), then the forward
+#                grid against torch SDPA cuDNN and FLASH (benchmarks/gpu_attention.py
+#                --grid; FORWARD_BENCH: other arguments, or none; JSON under $OUT)
+#   sweep        the Hopper forward's tile configurations per head dim (SWEEP_DIMS)
 #   backward     the backward tests (both kernel paths), then a short backward benchmark
 #   graphs       CUDA graph capture and plan tests at 1 and 2 ranks, the capture tests
 #                with the kept graph memory switched off (what they catch), decode
@@ -47,7 +51,7 @@ for s in $steps; do
   case $s in
     kernel)
       step kernel ${KERNEL_TEST_LIMIT:-420} python3 -m pytest -q -p no:cacheprovider -x -m gpu \
-        ${KERNEL_TESTS:-tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py \
+        ${KERNEL_K:+-k "$KERNEL_K"} ${KERNEL_TESTS:-tests/test_gpu_kernel.py tests/test_gpu_kernel_sm90.py \
         tests/test_gpu_decode.py tests/test_gpu_backward.py} ;;
     strategies)
       for n in 1 2; do
@@ -94,6 +98,17 @@ sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu",
     cpu-node)
       step cpu-node 300 python3 benchmarks/cpu_node.py --json "$OUT/cpu_node.json"
       sed -n "/^## seqpar on one CPU node/,\$p" "$OUT/cpu-node.log" ;;
+    forward)
+      step forward-tests ${FORWARD_TEST_LIMIT:-300} python3 -m pytest -q -p no:cacheprovider -x -m gpu \
+        tests/test_gpu_kernel_sm90.py ${FORWARD_TESTS:+-k "$FORWARD_TESTS"}
+      [ "${FORWARD_BENCH:-}" = none ] && continue
+      step forward-grid ${FORWARD_BENCH_LIMIT:-480} python3 benchmarks/gpu_attention.py \
+        ${FORWARD_BENCH:---grid} --json "$OUT/gpu_attention_grid.json"
+      sed -n '/^| dtype/,$p' "$OUT/forward-grid.log" | tail -100 ;;
+    sweep)
+      step sweep ${SWEEP_LIMIT:-240} python3 benchmarks/gpu_attention_sm90.py --sweep --no-mma --dims "" \
+        --sweep-dims "${SWEEP_DIMS:-96,192,256}" --out "$OUT"
+      grep -a "sweep d=" "$OUT/sweep.log" ;;
     bench)
       step forward-bench 240 python3 benchmarks/gpu_attention.py --dtypes bf16 --dims 64,128 \
         --ns 16384 --causal 0,1

@@ -1,8 +1,9 @@
 """Hopper forward kernel vs PyTorch SDPA (FLASH and cuDNN backends), one GPU.
 
-    python benchmarks/gpu_attention_sm90.py [--quick] [--sweep] [--out DIR]
+    python benchmarks/gpu_attention_sm90.py [--quick] [--sweep] [--dims 64,128]
+        [--sweep-dims 64,96,128,192,256] [--out DIR]
 
-Grid: fp16/bf16 x head dim {64, 128} x N {4k, 16k, 64k} x causal, batch 1,
+Grid: fp16/bf16 x head dim (--dims) x N {4k, 16k, 64k} x causal, batch 1,
 16 heads, forward only; the mma.sync kernel (seqpar.local.cupy_kernel) too where
 it runs. TFLOP/s = 4 B H N^2 d / time (halved when causal). Each time is the
 median of CUDA-event timings after warm-up; every backend reads the same
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="N = 16k only")
     ap.add_argument("--sweep", action="store_true", help="also time other tile configurations")
     ap.add_argument("--no-mma", action="store_true")
+    ap.add_argument("--dims", default="64,128", help="head dims of the main rows ('' for none)")
+    ap.add_argument("--sweep-dims", default="64,128", help="head dims the sweep covers")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     a = ap.parse_args()
     log = open(Path(a.out) / "bench_sm90.jsonl", "a") if a.out else None
@@ -127,7 +130,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"cupy {cupy.__version__}", flush=True)
     for dtype in ("fp16", "bf16"):
-        for d in (64, 128):
+        for d in (int(x) for x in a.dims.split(",") if x):
             for n in ns:
                 for causal in (False, True):
                     reps = 20 if n <= 4096 else (10 if n <= 16384 else 5)
@@ -143,10 +146,17 @@ def main():
         variants = {
             64: [C(128, 2, 2, False, 24, 240), C(176, 2, 2, True, 24, 240),
                  C(128, 3, 2, True, 24, 160), C(192, 2, 2, True, 24, 240)],
+            96: [C(128, 2, 2, True, 24, 240), C(176, 2, 2, True, 24, 240),
+                 C(128, 2, 2, False, 24, 240)],
             128: [C(128, 2, 2, False, 24, 240), C(176, 2, 2, True, 24, 240),
                   C(128, 2, 3, True, 24, 240)],
+            192: [C(112, 2, 2, True, 24, 240), C(96, 2, 2, True, 24, 240),
+                  C(112, 2, 2, False, 24, 240)],
+            256: [C(80, 2, 2, True, 24, 240), C(64, 2, 2, True, 24, 240),
+                  C(80, 2, 2, False, 24, 240)],
         }
-        for d, cfgs in variants.items():
+        dims = {int(x) for x in a.sweep_dims.split(",") if x}
+        for d, cfgs in ((d, c) for d, c in variants.items() if d in dims):
             for cfg in cfgs:
                 for causal in (False, True):
                     try:

@@ -1,6 +1,10 @@
 // seqpar: fused exact-softmax attention forward for Hopper (sm_90a), one device.
 //
-//   flash_fwd_sm90<D, BN, NWG, ST, BF16, PP, PREG, CREG>   fp16 / bf16, D = 64 or 128
+//   flash_fwd_sm90<D, BN, NWG, ST, BF16, PP, PREG, CREG>   fp16 / bf16, D = 64 to 256
+//
+// Head dims are held in 64-column (128-byte) panels: D = 96 fills a second panel
+// half-way (the tensor maps read the columns past D as zeros), S = Q K^T runs
+// over the D columns only, O = P V over whole panels, and the epilogue writes D.
 //
 // Roles (one thread block per SM, persistent):
 //   warpgroup 0  producer: one thread issues TMA loads of the Q tile (BM = 64 * NWG
@@ -181,9 +185,10 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
                int heavy_first) {
 #if SEQPAR_SM90_ENABLED
   using namespace fwd90;
-  static_assert(D % 64 == 0 && BN % 16 == 0 && BN <= 256, "tile shape");
+  static_assert(D % 32 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
   constexpr int BM = 64 * NWG;
-  constexpr int NP = D / 64;             // 128-byte panels per row
+  constexpr int NP = (D + 63) / 64;      // 128-byte panels per row
+  constexpr int DP = 64 * NP;            // columns of O: whole panels
   constexpr u32 Q_PANEL = BM * 128;      // bytes of one Q panel
   constexpr u32 KV_PANEL = BN * 128;     // bytes of one K or V panel
   constexpr u32 Q_BYTES = Q_PANEL * NP;
@@ -282,10 +287,10 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
     row_interval(mask, w_first, t.klen, dummy, hi_wf);
     row_interval(mask, w_last, t.klen, lo_wl, dummy);
 
-    float o[D / 2];
+    float o[DP / 2];
     float m_a = SP_NEG_INF, m_b = SP_NEG_INF, l_a = 0.f, l_b = 0.f;
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    for (int i = 0; i < DP / 2; ++i) o[i] = 0.f;
 
     if (t.n > 0) {
       float s[BN / 2];
@@ -332,7 +337,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
         gemm_qk<D, BN, BF16>(s, q_desc0, sm90::desc_sw128(sK + st * KV_BYTES, 16, 1024), Q_PANEL,
                              KV_PANEL);
         sm90::wg_commit();
-        gemm_pv<D, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
+        gemm_pv<DP, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
         sm90::wg_commit();
         if (PP) sm90::bar_arrive(PP_BAR + (cw + 1) % NWG, 256);
         sm90::wg_wait<1>();
@@ -349,7 +354,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
         sm90::reg_fence(s);
         if (leader) sm90::mbar_arrive(v_empty(pst));
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
+        for (int j = 0; j < DP / 8; ++j) {
           o[4 * j] *= al_a;
           o[4 * j + 1] *= al_a;
           o[4 * j + 2] *= al_b;
@@ -363,7 +368,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
       sm90::mbar_wait(v_full(pst), pph);
       if (PP) sm90::bar_sync(PP_BAR + cw, 256);
       sm90::wg_fence();
-      gemm_pv<D, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
+      gemm_pv<DP, BN, BF16>(o, p, v_desc<KV_PANEL>(sV + pst * KV_BYTES));
       sm90::wg_commit();
       if (PP) sm90::bar_arrive(PP_BAR + (cw + 1) % NWG, 256);
       sm90::wg_wait<0>();
@@ -428,14 +433,15 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
 }
 
 #ifdef SEQPAR_SM90_INSTANTIATE  // offline builds (nvcc -cubin): the shipped configurations
-template __global__ void flash_fwd_sm90<128, 128, 2, 2, true, true, 24, 240>(
-    const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,
-    const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int,
-    int, int, int, int, int, int, long long, long long, long long, long long, long long,
-    long long, long long, long long, long long, int, float, int, int, int);
-template __global__ void flash_fwd_sm90<64, 128, 2, 2, true, true, 24, 240>(
-    const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,
-    const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int,
-    int, int, int, int, int, int, long long, long long, long long, long long, long long,
-    long long, long long, long long, long long, int, float, int, int, int);
+#define SEQPAR_FWD90(D, BN, PP)                                                                 \
+  template __global__ void flash_fwd_sm90<D, BN, 2, 2, true, PP, 24, 240>(                     \
+      const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,                        \
+      const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int, \
+      int, int, int, int, int, int, long long, long long, long long, long long, long long,     \
+      long long, long long, long long, long long, int, float, int, int, int);
+SEQPAR_FWD90(64, 128, true)
+SEQPAR_FWD90(96, 128, true)
+SEQPAR_FWD90(128, 128, true)
+SEQPAR_FWD90(192, 112, false)
+SEQPAR_FWD90(256, 80, false)
 #endif

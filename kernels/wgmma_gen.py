@@ -8,7 +8,7 @@ thread, the mma.sync m16n8k16 A fragment of the thread's warp).
 import re
 from pathlib import Path
 
-SHAPES = (64, 128, 176, 192)
+SHAPES = (64, 80, 96, 112, 128, 176, 192, 256)
 TYPES = (("false", "f16"), ("true", "bf16"))
 
 

@@ -107,7 +107,7 @@ def _check(grads, q, k, v, dout, scale, visible, dtype_name):
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_backward_matrix(dtype_name, d, causal):
     rng = np.random.default_rng([d, int(causal), len(dtype_name)])

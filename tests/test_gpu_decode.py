@@ -96,7 +96,7 @@ def _run_and_check(q, k, v, dtype_name, *, scale, mask=None, q_offset=0, k_offse
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
-@pytest.mark.parametrize("d", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 192, 256])
 @pytest.mark.parametrize("sq,group", [(1, 1), (1, 4), (1, 8), (3, 4), (16, 4), (8, 8), (64, 1)])
 def test_decode_matrix(dtype_name, d, sq, group):
     rng = np.random.default_rng([d, sq, group, len(dtype_name)])

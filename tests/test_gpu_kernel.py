@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2, "float32": 1e-5}
 DTYPES = ["float16", "bfloat16", "float32"]
-HEAD_DIMS = [32, 64, 96, 128, 256]
+HEAD_DIMS = [32, 64, 96, 128, 192, 256]
 
 
 def _dtype(name):

@@ -39,15 +39,30 @@ def test_configs_fit_the_chip(d):
     """Shared memory within the 227 KB a block may opt into; the registers of the
     producer and consumers within the 64 K of an SM (setmaxnreg: multiples of 8)."""
     cfg = cupy_sm90.CONFIGS[d]
-    smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
-    assert smem <= 232448
+    panels = -(-d // 64)  # d = 96 takes two 64-column panels
+    smem = 128 * panels * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages)
+    assert cupy_sm90.shared_bytes(d, cfg) == smem + 1024 <= 232448
     assert cfg.preg % 8 == 0 and cfg.creg % 8 == 0
     assert 128 * (cfg.preg + cfg.nwg * cfg.creg) <= 65536
-    assert cfg.bn % 16 == 0 and cfg.bn <= 256 and d % 64 == 0
-    # the wgmma shapes the configuration needs are generated
+    assert cfg.bn % 16 == 0 and cfg.bn <= 256 and d % 32 == 0 and d <= 256
+    # the wgmma shapes the configuration needs are generated: S (N = keys per tile)
+    # and O (N = whole panels)
     text = (KERNELS / "sm90.cuh").read_text()
-    for n in (cfg.bn, d):
+    for n in (cfg.bn, 64 * panels):
         assert f"struct Wgmma<{n}, true>" in text
+
+
+def test_kernel_table_lists_the_hopper_head_dims():
+    """The choice table's sm90 rows name the head dims the Hopper modules take."""
+    from seqpar.local import _launch, cupy_sm90_backward
+
+    assert _launch.SM90_HEAD_DIMS == cupy_sm90.SUPPORTED_HEAD_DIMS
+    assert _launch.SM90_BACKWARD_HEAD_DIMS == cupy_sm90_backward.SUPPORTED_HEAD_DIMS
+    assert set(_launch.SM90_HEAD_DIMS) <= set(_launch.SUPPORTED_HEAD_DIMS)
+    rows = {table: next(r for r in rows if r[0] == "sm90")
+            for table, rows in (("fwd", _launch.KERNELS), ("bwd", _launch.BACKWARD_KERNELS))}
+    assert rows["fwd"][2] == _launch.SM90_HEAD_DIMS
+    assert rows["bwd"][2] == _launch.SM90_BACKWARD_HEAD_DIMS
 
 
 @pytest.mark.parametrize("module", sorted(

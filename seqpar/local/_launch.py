@@ -17,7 +17,10 @@ import numpy as np
 from ..graphs import device_constant, keep_for_graph
 from ..masks import UNBOUNDED
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+# the Hopper kernels' head dims (forward: cupy_sm90.CONFIGS; backward: cupy_sm90_backward)
+SM90_HEAD_DIMS = (64, 96, 128, 192, 256)
+SM90_BACKWARD_HEAD_DIMS = (64, 128)
 
 # The choice of kernel, first match wins: (name, dtypes, head dims, minimum compute
 # capability, condition on the call). SEQPAR_KERNEL=<name> forces one where it applies.
@@ -25,7 +28,7 @@ KERNELS = (
     # few query rows per K/V head (query tokens x heads sharing it): split over keys
     ("decode", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "rows <= 64"),
     # Hopper: wgmma, TMA, warp-specialised (seqpar/local/cupy_sm90.py)
-    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
+    ("sm90", ("float16", "bfloat16"), SM90_HEAD_DIMS, (9, 0), "sm90 can read the operands"),
     ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
     ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),
 )
@@ -34,7 +37,8 @@ _DECODE_MAX_ROWS = 64
 # The same for the backward (seqpar/local/cupy_backward.py).
 BACKWARD_KERNELS = (
     # Hopper: one fused wgmma/TMA kernel (seqpar/local/cupy_sm90_backward.py)
-    ("sm90", ("float16", "bfloat16"), (64, 128), (9, 0), "sm90 can read the operands"),
+    ("sm90", ("float16", "bfloat16"), SM90_BACKWARD_HEAD_DIMS, (9, 0),
+     "sm90 can read the operands"),
     # FlashAttention-2's scheme on mma.sync: dK/dV and dQ passes
     ("mma", ("float16", "bfloat16"), SUPPORTED_HEAD_DIMS, (8, 0), "any"),
     ("f32", ("float32",), SUPPORTED_HEAD_DIMS, (7, 0), "any"),

@@ -1,7 +1,7 @@
 """CuPy backend for Hopper (compute capability 9.0): ``kernels/flash_forward_sm90.cu``.
 
 Implements ``forward`` of the contract of :mod:`seqpar.local` for float16 and
-bfloat16 with head dims 64 and 128 on sm_90a: wgmma tensor-core products with
+bfloat16 with head dims 64, 96, 128, 192 and 256 on sm_90a: wgmma tensor-core products with
 operands in 128-byte-swizzled shared memory, TMA loads (tensor maps built here
 with ``cuda.bindings.driver.cuTensorMapEncodeTiled`` and passed by value), a
 producer warpgroup and ping-ponging consumer warpgroups, a persistent grid.
@@ -26,7 +26,8 @@ import numpy as np
 
 from ._launch import doc_starts, source
 
-__all__ = ["forward", "supports", "Config", "CONFIGS", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["forward", "prepare", "supports", "Launch", "Config", "CONFIGS",
+           "SUPPORTED_HEAD_DIMS"]
 
 
 class Config(NamedTuple):
@@ -40,10 +41,16 @@ class Config(NamedTuple):
     creg: int        # registers of each consumer warpgroup
 
 
-# head dim -> configuration (measured: benchmarks/gpu_kernel_notes.md, "Hopper kernel")
+# head dim -> configuration (measured: benchmarks/gpu_kernel_notes.md, "Hopper kernel").
+# Larger head dims take fewer keys per tile (O's registers, d / 2 per thread, and the
+# Q, K, V panels in shared memory grow with d) and no ping-pong: with P V at N = d the
+# products are long enough that the consumers' turns only add waits.
 CONFIGS = {
     64: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
+    96: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
     128: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
+    192: Config(bn=112, nwg=2, stages=2, pingpong=False, preg=24, creg=240),
+    256: Config(bn=80, nwg=2, stages=2, pingpong=False, preg=24, creg=240),
 }
 SUPPORTED_HEAD_DIMS = tuple(CONFIGS)
 _UNBOUNDED = 1 << 60
@@ -96,7 +103,7 @@ def _kernel(d, bf16, cfg, device_id):
             f"{'true' if bf16 else 'false'}, {'true' if cfg.pingpong else 'false'}, "
             f"{cfg.preg}, {cfg.creg}>")
     threads = 128 * (cfg.nwg + 1)
-    smem = 2 * d * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
+    smem = shared_bytes(d, cfg)
     with cupy.cuda.Device(device_id):
         options = ("-std=c++17", "--gpu-architecture=sm_90a")
         module = cupy.RawModule(code=source("flash_forward_sm90.cu"), options=options,
@@ -106,34 +113,50 @@ def _kernel(d, bf16, cfg, device_id):
     return fn, threads, smem
 
 
+def shared_bytes(d, cfg):
+    """Dynamic shared memory of one block: Q and the K, V stages in whole 64-column
+    panels (d = 96 takes two), the mbarriers, and room to align to 1024 bytes."""
+    panels = -(-d // 64)
+    return 128 * panels * (64 * cfg.nwg + 2 * cfg.stages * cfg.bn) + 8 * (2 + 4 * cfg.stages) + 1024
+
+
 def tensor_map(x, box_rows):
     """The TMA tensor map of a (B, S, H, D) 16-bit CuPy array, as a one-element
     128-byte NumPy array: dims (D, S, H, B), box (64, box_rows, 1, 1), 128-byte
-    swizzle, out-of-bounds rows read as zeros."""
+    swizzle, out-of-bounds rows and columns read as zeros (d = 96 fills its second
+    panel half-way). Cached: the map is a function of the address, shape, strides,
+    dtype and box alone, and encoding one costs more host time than the launch.
+    Callers pass it to a launch (which copies it) and never write into it."""
+    return _encoded_map(x.data.ptr, x.shape, x.strides, _kind(x.dtype), box_rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded_map(ptr, shape, x_strides, kind, box_rows):
     from cuda.bindings import driver
 
-    batch, seq, heads, d = x.shape
+    batch, seq, heads, d = shape
+    itemsize = 2
     dims = [d, seq, heads, batch]
     strides = []
-    span = d * x.itemsize
-    for n, s in ((seq, x.strides[1]), (heads, x.strides[2]), (batch, x.strides[0])):
+    span = d * itemsize
+    for n, s in ((seq, x_strides[1]), (heads, x_strides[2]), (batch, x_strides[0])):
         if n == 1:  # never stepped over: any valid stride
             s = -(-span // 16) * 16
         strides.append(int(s))
         span = s * n
-    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if _kind(x.dtype) == "bf16"
+    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if kind == "bf16"
              else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
     u32, u64 = driver.cuuint32_t, driver.cuuint64_t  # the lists take these, not ints
     err, tmap = driver.cuTensorMapEncodeTiled(
-        dtype, 4, x.data.ptr, [u64(n) for n in dims], [u64(s) for s in strides],
+        dtype, 4, ptr, [u64(n) for n in dims], [u64(s) for s in strides],
         [u32(64), u32(box_rows), u32(1), u32(1)], [u32(1)] * 4,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {x.shape}, "
-                           f"strides {x.strides}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {shape}, "
+                           f"strides {x_strides}")
     arr = np.empty(1, dtype=np.dtype((np.void, 128)))
     arr.view(np.uint8)[:] = np.frombuffer(ctypes.string_at(tmap.getPtr(), 128), dtype=np.uint8)
     return arr
@@ -172,6 +195,23 @@ def launch(fn, grid, block, args, smem):
         raise RuntimeError(f"cuLaunchKernel failed: {err}")
 
 
+class Launch(NamedTuple):
+    """One prepared launch of the kernel: out and lse go in by address (arguments 3
+    and 4), so a launch can be kept and run again with other arrays of their shape."""
+
+    fn: object
+    grid: tuple
+    block: tuple
+    args: tuple
+    smem: int
+    device_id: int
+
+    def __call__(self, out, lse):
+        args = self.args[:3] + (np.uint64(out.data.ptr), np.uint64(lse.data.ptr)) + self.args[5:]
+        with _cupy().cuda.Device(self.device_id):
+            launch(self.fn, self.grid, self.block, args, self.smem)
+
+
 def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
             out=None, lse=None, accumulate=False, config=None):
     """Fused attention forward on sm_90a; see :mod:`seqpar.local` for the contract.
@@ -179,6 +219,18 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     ``config`` (a :class:`Config`) overrides the tile shape (benchmarks, tests).
     The caller checks :func:`supports` first.
     """
+    call, out, lse = prepare(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
+                             k_offset=k_offset, key_lengths=key_lengths, out=out, lse=lse,
+                             accumulate=accumulate, config=config)
+    if call is not None:
+        call(out, lse)
+    return out, lse
+
+
+def prepare(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
+            out=None, lse=None, accumulate=False, config=None):
+    """(launch, out, lse): :func:`forward`'s checks and arguments without the launch;
+    launch is None when there is nothing to compute (out and lse are then final)."""
     cupy = _cupy()
     kind = _kind(q.dtype)
     if kind is None or not (q.dtype == k.dtype == v.dtype):
@@ -200,12 +252,12 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     if lse.shape != (batch, hq, sq) or lse.dtype != np.float64:
         raise ValueError(f"lse must be float64 of shape {(batch, hq, sq)}")
     if batch == 0 or sq == 0 or hq == 0:
-        return out, lse
+        return None, out, lse
     if sk == 0:
         if not accumulate:
             out.fill(0)
             lse.fill(-np.inf)
-        return out, lse
+        return None, out, lse
     o_item, l_item = out.itemsize, lse.itemsize
     if (out.strides[-1] != o_item or lse.strides[-1] != l_item
             or any(s % o_item for s in out.strides) or any(s % l_item for s in lse.strides)):
@@ -239,13 +291,11 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     i32, i64 = np.int32, np.int64
     os_ = [s // o_item for s in out.strides]
     ls_ = [s // l_item for s in lse.strides]
-    args = (tensor_map(q, bm), tensor_map(k, cfg.bn), tensor_map(v, cfg.bn), out, lse, docs,
+    args = (tensor_map(q, bm), tensor_map(k, cfg.bn), tensor_map(v, cfg.bn), None, None, docs,
             key_lengths, i32(sq), i32(sk), i32(hq), i32(hk), i32(batch), i32(n_mblocks),
             i32(n_tiles), i64(os_[0]), i64(os_[1]), i64(os_[2]), i64(ls_[0]), i64(ls_[1]),
             i64(max(-lim, min(lim, int(q_offset)))), i64(max(-lim, min(lim, int(k_offset)))),
             i64(min(left, _UNBOUNDED)), i64(min(right, _UNBOUNDED)), i32(ndocs),
             np.float32(float(scale) * math.log2(math.e)), i32(bool(accumulate)),
             i32(out.dtype == np.float32), i32(heavy))
-    with q.device:
-        launch(fn, (grid, 1, 1), (threads, 1, 1), args, smem)
-    return out, lse
+    return Launch(fn, (grid, 1, 1), (threads, 1, 1), args, smem, dev), out, lse

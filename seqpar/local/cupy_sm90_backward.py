@@ -18,12 +18,12 @@ import math
 
 import numpy as np
 
-from ._launch import _cupy, _mask_args, source
+from ._launch import SM90_BACKWARD_HEAD_DIMS, _cupy, _mask_args, source
 from .cupy_sm90 import _sm_count, launch, supports, tensor_map
 
 __all__ = ["backward", "supports", "SUPPORTED_HEAD_DIMS"]
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = SM90_BACKWARD_HEAD_DIMS
 _BM, _BN = 64, 128          # query rows per step, keys per work item (kernel constants)
 # registers per thread of the producer warpgroup and of each consumer warpgroup: the
 # kernel starts at 168 (65536 / 384, rounded down to 8), and what the producer gives
