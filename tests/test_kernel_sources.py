@@ -78,3 +78,46 @@ def test_local_modules_import_alone(module):
                           text=True, timeout=120, check=False, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
+
+
+def test_prepared_launch_signature(monkeypatch):
+    """What keys a kept Hopper launch (seqpar.local.cupy_kernel._signature), checked with
+    stand-in arrays: q, k, v by address, out and lse by alignment only, the settings and
+    SEQPAR_KERNEL; nothing kept for key lengths or document starts."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from seqpar.local import cupy_kernel
+    from seqpar.masks import Mask
+
+    class Array(SimpleNamespace):
+        pass
+
+    fake = SimpleNamespace(ndarray=Array)
+
+    def array(ptr, shape=(1, 64, 4, 96)):
+        strides = tuple(int(np.prod(shape[i + 1:])) * 2 for i in range(len(shape)))
+        return Array(data=SimpleNamespace(ptr=ptr), shape=shape, strides=strides,
+                     dtype=np.dtype(np.float16))
+
+    q, k, v = array(1 << 20), array(2 << 20), array(3 << 20)
+    causal = Mask.build(causal=True)
+    monkeypatch.delenv("SEQPAR_KERNEL", raising=False)
+
+    def key(out=None, mask=causal, **kw):
+        return cupy_kernel._signature(fake, kw.pop("q", q), k, v, out, None, 0.1, mask, 0, 0,
+                                      kw.pop("key_lengths", None), False)
+
+    assert key() == key() is not None
+    assert key(q=array(4 << 20)) != key()
+    assert key(out=array(5 << 20)) == key(out=array(6 << 20))  # out: alignment, not address
+    assert key(out=array(5 << 20)) != key(out=array((5 << 20) + 2))
+    assert key(mask=None) != key()
+    assert key(key_lengths=object()) is None
+    assert key(mask=Mask.build(causal=True, seqlens=[32, 32])) is None
+    assert cupy_kernel._signature(fake, np.zeros((1, 64, 4, 96)), k, v, None, None, 0.1,
+                                  None, 0, 0, None, False) is None  # not a device array
+    before = key()
+    monkeypatch.setenv("SEQPAR_KERNEL", "mma")
+    assert key() != before
