@@ -148,6 +148,27 @@ def softmax_grad(dp, p, delta):
             row[j] = prob[j] * (row[j] - shift)
 
 
+@njit(inline="always", **_JIT)
+def _decode_step(scores, n, j0, rows, lo, hi, masked, row_max, row_sum, out, d):
+    """The online-softmax step of a decode chunk: score columns [0, n) of each row (keys
+    j0 .. j0 + n - 1, masked by the rows' local bounds [lo, hi]) into probabilities,
+    the running max and sum, and the rows' outputs rescaled. False, with nothing
+    changed, when a score is NaN or inf."""
+    for r in range(rows):
+        if not_finite(scores[r, :n]):
+            return False
+    for r in range(rows):
+        lo_r = lo[r] - j0 if masked else 0
+        hi_r = hi[r] - j0 if masked else n - 1
+        a = min(max(lo_r, 0), n)
+        b = max(min(hi_r + 1, n), a)
+        alpha = _row_update(scores[r, :n], a, b, r, row_max, row_sum)
+        orow = out[r]
+        for c in range(d):
+            orow[c] *= alpha
+    return True
+
+
 @njit(**_JIT)
 def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_sum,
            scores):
@@ -193,18 +214,8 @@ def decode(q, k, k_stride, v, v_stride, keys, lo, hi, masked, out, row_max, row_
                 for c in range(d):
                     s += qr[c] * kr[c]
                 scores[r, j] = s
-        for r in range(rows):
-            if not_finite(scores[r, :n]):
-                return False
-        for r in range(rows):
-            lo_r = lo[r] - j0 if masked else 0
-            hi_r = hi[r] - j0 if masked else n - 1
-            a = min(max(lo_r, 0), n)
-            b = max(min(hi_r + 1, n), a)
-            alpha = _row_update(scores[r, :n], a, b, r, row_max, row_sum)
-            orow = out[r]
-            for c in range(d):
-                orow[c] *= alpha
+        if not _decode_step(scores, n, j0, rows, lo, hi, masked, row_max, row_sum, out, d):
+            return False
         # values: each value row is read once and added into every query row
         for j in range(n):
             vr = v[(j0 + j) * v_stride:(j0 + j) * v_stride + d]
@@ -353,17 +364,7 @@ def decode_heads(q, k, k_stride, k_head, v, v_stride, v_head, keys, lo, hi, mask
                 _gather_keys(k_h, k_stride, v_h, v_stride, j0 + jb, keys - 1, d, block)
                 for r in range(rows):
                     _score_keys(q_h[r], block, d, scores[r], jb)
-            for r in range(rows):
-                if not_finite(scores[r, :n]):
-                    return False
-            for r in range(rows):
-                lo_r = lo[r] - j0 if masked else 0
-                hi_r = hi[r] - j0 if masked else n - 1
-                a = min(max(lo_r, 0), n)
-                b = max(min(hi_r + 1, n), a)
-                alpha = _row_update(scores[r, :n], a, b, r, max_h, sum_h)
-                orow = out_h[r]
-                for c in range(d):
-                    orow[c] *= alpha
+            if not _decode_step(scores, n, j0, rows, lo, hi, masked, max_h, sum_h, out_h, d):
+                return False
             _add_values(v_h, v_stride, j0, n, scores, out_h, rows, d)
     return True
