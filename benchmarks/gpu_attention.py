@@ -68,6 +68,23 @@ def _time(fn, inner, trials=5, warmup=2):
     return statistics.median(ts)
 
 
+def _by_group(groups, measure):
+    """{group: measure()} with the Hopper kernel's causal order forced to each group size
+    in turn (the kept launches forgotten, as they hold the order), then its own rule."""
+    from seqpar.local import cupy_sm90
+
+    rule, found = cupy_sm90.heavy_group, {}
+    try:
+        for g in groups:
+            cupy_sm90.heavy_group = lambda *_, g=g: g
+            cupy_kernel._PREPARED.clear()
+            found[g] = measure()
+    finally:
+        cupy_sm90.heavy_group = rule
+        cupy_kernel._PREPARED.clear()
+    return found
+
+
 def _time_each(fn, calls=10, warmup=2):
     """Seconds of each of `calls` calls, each alone between CUDA events (synchronised)."""
     for _ in range(warmup):
@@ -128,6 +145,10 @@ def _parser():
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--plan", action="store_true", help="print the rows and the estimated "
                     "time, run nothing")
+    ap.add_argument("--heavy-groups", default="", help="also time causal rows and --docs "
+                    "with the Hopper kernel's longest-first order forced to take this many "
+                    "query blocks of a head at a time, e.g. 1,4,8,16 (cupy_sm90.heavy_group "
+                    "chooses for the main figures)")
     ap.add_argument("--json", default=None)
     return ap
 
@@ -142,7 +163,7 @@ def _parse(argv=None):
     try:
         args.shape_list = (_shapes(args.shapes) if args.shapes else
                            [(d, args.heads, args.heads) for d in _ints(args.dims)])
-        for name in ("ns", "long", "batches", "batch_ns", "causal"):
+        for name in ("ns", "long", "batches", "batch_ns", "causal", "heavy_groups"):
             setattr(args, name + "_list", _ints(getattr(args, name)))
     except ValueError as exc:
         ap.error(str(exc))
@@ -254,7 +275,7 @@ def _rel_diff(torch, out, ref):
     return float((a - bb).norm() / bb.norm())
 
 
-def _run_case(case, causals, torch, fixed_reps):
+def _run_case(case, causals, torch, fixed_reps, groups=()):
     """The rows (one per causal) of one input set; its arrays die on return."""
     dt, d, hq, hk, b, n = case
     q, k, v = _inputs(*case)
@@ -280,6 +301,10 @@ def _run_case(case, causals, torch, fixed_reps):
             t_sp = _time(lambda mask=mask: cupy_kernel.forward(q, k, v, scale=scale, mask=mask,
                                                                out=out), reps)
             row["seqpar"] = flops / t_sp / 1e12
+            if causal and groups:
+                row["seqpar_by_group"] = _by_group(groups, lambda mask=mask: flops / _time(
+                    lambda: cupy_kernel.forward(q, k, v, scale=scale, mask=mask, out=out),
+                    reps) / 1e12)
         except Exception as exc:  # seqpar refused or failed this shape: record, go on
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(f"  seqpar failed: {row['error']}", flush=True)
@@ -311,7 +336,7 @@ def _free(torch):
         torch.cuda.empty_cache()
 
 
-def _run_docs(n, d=128, h=16, seed=0):
+def _run_docs(n, d=128, h=16, seed=0, groups=()):
     """Packed causal documents at n tokens: 10 separately timed seqpar calls."""
     lengths = _doc_lengths(n, seed=seed)
     pairs = sum(x * (x + 1) // 2 for x in lengths)
@@ -328,6 +353,10 @@ def _run_docs(n, d=128, h=16, seed=0):
         res.update(ms=[t * 1e3 for t in ts], min_ms=min(ts) * 1e3, median_ms=med * 1e3,
                    max_ms=max(ts) * 1e3, spread_pct=(max(ts) - min(ts)) / med * 100,
                    tflops=4.0 * pairs * d * h / med / 1e12)
+        if groups:
+            res["ms_by_group"] = _by_group(groups, lambda: [t * 1e3 for t in _time_each(
+                lambda: cupy_kernel.forward(q, k, v, scale=1.0 / math.sqrt(d), mask=mask,
+                                            out=out))])
     except Exception as exc:
         res["error"] = f"{type(exc).__name__}: {exc}"[:300]
     print(json.dumps({k: v for k, v in res.items() if k != "lengths"}), flush=True)
@@ -396,7 +425,33 @@ def _report(name, rows, docs=None):
         lines.append(f"max relative difference seqpar vs torch = {max(diffs):.1e}")
     if docs is not None:
         lines.append(_docs_line(docs))
+    lines += _group_lines(rows, docs)
     return "\n".join(lines)
+
+
+def _group_lines(rows, docs):
+    """The --heavy-groups comparison: TFLOP/s per group size, docs spread per group."""
+    timed = [r for r in rows if r.get("seqpar_by_group")]
+    if not timed and not (docs and docs.get("ms_by_group")):
+        return []
+    groups = list((timed[0]["seqpar_by_group"] if timed else docs["ms_by_group"]))
+    lines = ["", "causal order by group size (TFLOP/s; /cuDNN in brackets):", "",
+             "| row | " + " | ".join(f"group {g}" for g in groups) + " |",
+             "|---|" + "--:|" * len(groups)]
+    for r in timed:
+        cells = [f"{r['seqpar_by_group'][g]:.0f} ({_ratio(r['seqpar_by_group'][g], r['cudnn']):.2f})"
+                 for g in groups]
+        lines.append(f"| {_row_label(r)} | " + " | ".join(cells) + " |")
+    if timed:
+        lines.append("| geomean /cuDNN | " + " | ".join(
+            f"{_gm([_ratio(r['seqpar_by_group'][g], r['cudnn']) for r in timed if r['cudnn'] == r['cudnn']]):.3f}"
+            for g in groups) + " |")
+    if docs and docs.get("ms_by_group"):
+        for g, ms in docs["ms_by_group"].items():
+            med = statistics.median(ms)
+            lines.append(f"docs group {g}: min/median/max {min(ms):.1f}/{med:.1f}/{max(ms):.1f} "
+                         f"ms, spread {(max(ms) - min(ms)) / med * 100:.1f}%")
+    return lines
 
 
 def main(argv=None):
@@ -422,11 +477,11 @@ def main(argv=None):
     print(f"device: {name}, cc {dev.compute_capability}", flush=True)
     rows = []
     for case in cases:
-        rows += _run_case(case, args.causal_list, torch, args.reps)
+        rows += _run_case(case, args.causal_list, torch, args.reps, args.heavy_groups_list)
         _free(torch)
     docs = None
     if args.docs:
-        docs = _run_docs(args.docs)
+        docs = _run_docs(args.docs, groups=args.heavy_groups_list)
         _free(torch)
 
     if args.json:

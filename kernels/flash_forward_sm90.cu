@@ -24,8 +24,8 @@
 //                the other's products (ping-pong).
 // Work tiles (batch, head, query block) are dealt to the persistent blocks in a
 // snake order (round r: block b takes tile r * G + b, or r * G + G - 1 - b on odd
-// rounds); heavy_first lists the query blocks from the last (causal: the longest
-// rows first).
+// rounds); heavy_group > 0 lists the query blocks from the last (causal: the longest
+// rows first), that many at a time per head (tile_at).
 //
 // Layout as flash_forward.cu: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D) read through TMA
 // tensor maps built on the host (any 16-byte-multiple strides; rows past the end
@@ -49,13 +49,19 @@ struct Tile {
 
 template <int BM, int BN>
 DEVI Tile tile_at(int idx, const MaskArgs& mask, const long long* key_lengths, int Sq, int Sk,
-                  int Hq, int B, int n_mblocks, int heavy_first) {
+                  int Hq, int B, int n_mblocks, int heavy_group) {
   Tile t;
   const int bhs = B * Hq;
   int mb, bh;
-  if (heavy_first) {
-    mb = n_mblocks - 1 - idx / bhs;
-    bh = idx - (idx / bhs) * bhs;
+  if (heavy_group > 0) {
+    // Longest first, heavy_group query blocks at a time with the head outside them:
+    // tiles dealt together are neighbouring query blocks of a few heads, which read the
+    // same K/V from L2 (with the head innermost every concurrent tile reads its own).
+    const int first = idx / (heavy_group * bhs) * heavy_group;
+    const int rows = n_mblocks - first < heavy_group ? n_mblocks - first : heavy_group;
+    const int within = idx - first * bhs;
+    bh = within / rows;
+    mb = n_mblocks - 1 - (first + within - bh * rows);
   } else {
     bh = idx / n_mblocks;
     mb = idx - bh * n_mblocks;
@@ -182,7 +188,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
                int n_mblocks, int n_tiles, long long osb, long long oss, long long osh,
                long long lsb, long long lsh, long long q0, long long k0, long long left,
                long long right, int ndocs, float sl2, int accumulate, int out_f32,
-               int heavy_first) {
+               int heavy_group) {
 #if SEQPAR_SM90_ENABLED
   using namespace fwd90;
   static_assert(D % 32 == 0 && D <= 256 && BN % 16 == 0 && BN <= 256, "tile shape");
@@ -235,7 +241,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
     for (int r = 0; (long long)r * gridDim.x < n_tiles; ++r) {
       const int idx = tile_index(r, n_tiles);
       if (idx < 0) continue;
-      const Tile t = tile_at<BM, BN>(idx, mask, key_lengths, Sq, Sk, Hq, B, n_mblocks, heavy_first);
+      const Tile t = tile_at<BM, BN>(idx, mask, key_lengths, Sq, Sk, Hq, B, n_mblocks, heavy_group);
       if (t.n == 0) continue;
       const int hk = t.h / (Hq / Hk);
       sm90::mbar_wait(q_empty, (q_it & 1) ^ 1);
@@ -277,7 +283,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
   for (int r = 0; (long long)r * gridDim.x < n_tiles; ++r) {
     const int idx = tile_index(r, n_tiles);
     if (idx < 0) continue;
-    const Tile t = tile_at<BM, BN>(idx, mask, key_lengths, Sq, Sk, Hq, B, n_mblocks, heavy_first);
+    const Tile t = tile_at<BM, BN>(idx, mask, key_lengths, Sq, Sk, Hq, B, n_mblocks, heavy_group);
     const int row_a = t.m0 + 64 * cw + 16 * warp + g;  // this thread's rows: row_a, row_a + 8
     const int w_first = t.m0 + 64 * cw < Sq ? t.m0 + 64 * cw : Sq - 1;
     const int w_last = (t.m0 + 64 * cw + 63 < Sq ? t.m0 + 64 * cw + 63 : Sq - 1);

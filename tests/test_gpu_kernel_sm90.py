@@ -295,6 +295,24 @@ def test_many_work_tiles(causal):
     assert relative_error(lse.get()[:, :, rows], ref_lse) <= 1e-5
 
 
+@pytest.mark.parametrize("heavy_group", [1, 3, 8, 64])
+@pytest.mark.parametrize("b,s,hq,hk", [
+    (1, 100, 1, 1),     # a single work tile
+    (3, 1000, 6, 2),    # 8 query blocks a head (a part group of 3, 8 | 8), 144 > SM tiles
+    (2, 1300, 5, 5),    # 11 query blocks: uneven at every group size
+])
+def test_causal_orders(monkeypatch, heavy_group, b, s, hq, hk):
+    """The longest-first order deals every (batch, head, query block) tile exactly once
+    at any group size, whatever the counts (all rows checked)."""
+    monkeypatch.setattr(cupy_sm90, "heavy_group", lambda *_: heavy_group)
+    rng = np.random.default_rng([heavy_group, b, s, hq])
+    q, k, v = _inputs(rng, BF16, b, s, s, hq, hk, 64)
+    mask = Mask.build(causal=True)
+    out, lse = _run(q, k, v, scale=0.125, mask=mask)
+    _check(out, lse, q, k, v, "bfloat16", scale=0.125,
+           visible=_visible(mask, s, s, 0, 0, batch=b))
+
+
 @pytest.mark.parametrize("dtype_name", DTYPES)
 def test_deterministic(dtype_name):
     dtype = _dtype(dtype_name)

@@ -65,6 +65,43 @@ def test_kernel_table_lists_the_hopper_head_dims():
     assert rows["bwd"][2] == _launch.SM90_BACKWARD_HEAD_DIMS
 
 
+def _tile_order(n_tiles, n_mblocks, bhs, group):
+    """(batch x head, query block) of each work index, as tile_at of
+    kernels/flash_forward_sm90.cu deals them in its longest-first order."""
+    order = []
+    for idx in range(n_tiles):
+        first = idx // (group * bhs) * group
+        rows = min(group, n_mblocks - first)
+        within = idx - first * bhs
+        bh = within // rows
+        order.append((bh, n_mblocks - 1 - (first + within - bh * rows)))
+    return order
+
+
+@pytest.mark.parametrize("group", [1, 3, 8, 16, 64])
+@pytest.mark.parametrize("n_mblocks,bhs", [(1, 1), (8, 18), (11, 10), (32, 256), (128, 16)])
+def test_longest_first_order_is_a_permutation(group, n_mblocks, bhs):
+    """Every tile dealt once, whole groups of query blocks longest first."""
+    order = _tile_order(n_mblocks * bhs, n_mblocks, bhs, group)
+    assert sorted(order) == [(bh, mb) for bh in range(bhs) for mb in range(n_mblocks)]
+    blocks = [mb for _, mb in order]
+    for i in range(1, len(blocks)):  # a later group never holds a longer query block
+        if (i // (group * bhs)) != ((i - 1) // (group * bhs)):
+            assert max(blocks[i:]) < min(blocks[:i])
+
+
+def test_heavy_group_rule():
+    """Grouped only where the rounds would hold one or two blocks of many heads whose
+    K/V outgrow L2: batch 8 at 4096 tokens, not batch 1 at 4096 (gpu_kernel_notes.md)."""
+    rule, g = cupy_sm90.heavy_group, cupy_sm90.HEAVY_GROUP
+    assert rule(8, 16, 16, 4096, 128, 2, 132) == g
+    assert rule(8, 8, 8, 4096, 256, 2, 132) == g
+    assert rule(1, 16, 16, 65536, 128, 2, 132) == g
+    assert rule(1, 8, 8, 4096, 256, 2, 132) == 1      # all K/V fits L2
+    assert rule(1, 8, 8, 16384, 256, 2, 132) == 1     # 16 blocks of each head a round
+    assert rule(1, 16, 16, 4096, 64, 2, 132) == 1
+
+
 @pytest.mark.parametrize("module", sorted(
     p.stem for p in (Path(__file__).resolve().parents[1] / "seqpar" / "local").glob("*.py")))
 def test_local_modules_import_alone(module):
