@@ -20,6 +20,10 @@
 #   graph-tests  only the capture and plan tests of graphs, at 1 and 2 ranks
 #   counters     Nsight Compute counters of the Hopper backward kernel and cuDNN's
 #                (bf16, d=128, 16k, causal and not; report under $OUT)
+#   host         where a tiny call's host time goes: each step of a planned decode call
+#                alone, then cProfile per public function (benchmarks/host_profile.py)
+#   decode-splits  decode kernel time against its split count (DECODE_KEYS, DECODE_SPLITS)
+#                beside torch SDPA (benchmarks/gpu_decode.py --splits)
 #   cpu-node     the host CPU: ring attention at every ranks x threads split of its 16
 #                cores against torch's CPU SDPA, one rank's thread scaling
 #                (benchmarks/cpu_node.py; JSON under $OUT)
@@ -95,6 +99,13 @@ sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu",
       ncu --import "$OUT/backward_counters.ncu-rep" --page details >"$OUT/counters.txt" 2>&1
       grep -aE "^  [a-z_]|bwd_sm90|Compute \(SM\) Throughput|Tensor|Issue Slots Busy|Stall|Warp Cycles Per Issued|Duration|Registers Per|Achieved Occupancy" \
         "$OUT/counters.txt" | cut -c1-110 | head -60 ;;
+    host)
+      step host 180 python3 benchmarks/host_profile.py --pieces --calls 2000 --top 12
+      sed -n '/=== the steps/,/^$/p' "$OUT/host.log"; grep -a "^=== " "$OUT/host.log" ;;
+    decode-splits)
+      step decode-splits 240 python3 benchmarks/gpu_decode.py --keys "${DECODE_KEYS:-4096,65536,262144,1048576}" \
+        --splits "${DECODE_SPLITS:-16,33,66,132,264,528}" --json "$OUT/gpu_decode_splits.json"
+      sed -n '/^| batch/,$p' "$OUT/decode-splits.log" ;;
     cpu-node)
       step cpu-node 300 python3 benchmarks/cpu_node.py --json "$OUT/cpu_node.json"
       sed -n "/^## seqpar on one CPU node/,\$p" "$OUT/cpu-node.log" ;;

@@ -1,6 +1,6 @@
 """Decoding on one GPU: few queries against a long K/V cache, seqpar vs PyTorch SDPA.
 
-    PYTHONPATH=. python3 benchmarks/gpu_decode.py [--json FILE]
+    PYTHONPATH=. python3 benchmarks/gpu_decode.py [--json FILE] [--splits 33,66,132]
 
 bf16, 32 query heads sharing 8 K/V heads (GQA), d = 128. For each (batch, queries,
 keys) of the grid: seqpar.attention (the split-K/V decode kernel) and torch's
@@ -9,6 +9,8 @@ the same inputs (shared through DLPack), timed with CUDA events around many call
 (rotating between input sets larger than L2 together), and the K/V read rate
 (bytes of K and V / time). Then the crossover between the decode kernel and the
 forward kernel (SEQPAR_KERNEL) as the rows per K/V head grow. A table last.
+--splits also times the decode kernel at each of those split counts (the K/V range
+cut into that many pieces per head) beside the count it chooses itself.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 import seqpar
+from seqpar.plans import clear_plan_cache
 
 GRID = ((1, 1, 65536), (1, 1, 262144), (1, 1, 1048576), (1, 16, 262144), (1, 16, 1048576),
         (8, 1, 131072))
@@ -47,6 +50,34 @@ def timed(fn, repeats):
     return statistics.median(times)
 
 
+def chosen_splits(qkv):
+    """The split count the decode kernel's launch takes for these arrays."""
+    from seqpar.local import cupy_kernel
+
+    q, k, _ = qkv
+    return cupy_kernel._decode_geometry(q.shape, k.shape, False, "bf16", True,
+                                        q.device.id)[2]
+
+
+def with_splits(n, measure):
+    """measure() with the decode launch cut into n splits (plans made afresh)."""
+    from seqpar.local import cupy_kernel
+
+    chosen = cupy_kernel._decode_geometry
+
+    def forced(*args):
+        geometry = chosen(*args)  # (kernel, shared bytes, splits, ...)
+        return (*geometry[:2], n, *geometry[3:])
+
+    cupy_kernel._decode_geometry = forced
+    clear_plan_cache()
+    try:
+        return measure()
+    finally:
+        cupy_kernel._decode_geometry = chosen
+        clear_plan_cache()
+
+
 def inputs(batch, queries, keys, sets):
     bf16 = np.dtype(ml_dtypes.bfloat16)
     rs = cupy.random.RandomState(keys + queries)
@@ -59,13 +90,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--splits", default="")
+    parser.add_argument("--keys", default="", help="only the grid rows with these key counts, "
+                        "plus one query at each (e.g. 4096,65536)")
     args = parser.parse_args()
+    grid = GRID
+    if args.keys:
+        wanted = [int(x) for x in args.keys.split(",")]
+        grid = [r for r in GRID if r[2] in wanted]
+        grid += [(1, 1, n) for n in wanted if (1, 1, n) not in grid]
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rows = []
-    for batch, queries, keys in GRID:
+    for batch, queries, keys in grid:
         kv_bytes = 2 * batch * keys * KV_HEADS * D * 2
         sets = max(1, min(4, math.ceil(200e6 / kv_bytes)))  # > L2 (50-60 MB) in rotation
         data = inputs(batch, queries, keys, sets)
@@ -77,6 +116,11 @@ def main():
 
         row = {"batch": batch, "queries": queries, "keys": keys, "kv_bytes": kv_bytes}
         row["seqpar"] = timed(lambda: seqpar.attention(*pick()), args.repeats)
+        if args.splits:
+            row["splits"] = chosen_splits(data[0])
+            row["seqpar_by_splits"] = {n: with_splits(n, lambda: timed(
+                lambda: seqpar.attention(*pick()), args.repeats))
+                for n in map(int, args.splits.split(","))}
         tdata = [tuple(torch.from_dlpack(x).transpose(1, 2) for x in triple) for triple in data]
         tturn = [0]
 
@@ -105,7 +149,7 @@ def main():
         print(json.dumps(row), flush=True)
 
     crossover = []
-    for queries in (1, 4, 8, 16, 32):  # rows per K/V head = queries x 4
+    for queries in () if args.keys else (1, 4, 8, 16, 32):  # rows per K/V head = queries x 4
         data = inputs(1, queries, 65536, 4)
         turn = [0]
 
@@ -144,6 +188,12 @@ def main():
               f"{best / r['seqpar']:.2f}x |")
     print(f"geometric mean vs the faster torch backend: "
           f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}x")
+    if args.splits:
+        print("\nsplit count against kernel time (µs, back to back; * the chosen count):")
+        for r in rows:
+            cells = ", ".join(f"{n}: {t * 1e6:.0f}" for n, t in r["seqpar_by_splits"].items())
+            print(f"  batch {r['batch']} queries {r['queries']} keys {r['keys']}: "
+                  f"chosen {r['splits']}* {r['seqpar'] * 1e6:.0f}; {cells}")
     print("\ncrossover at 64k keys (ms): rows per K/V head, decode kernel, forward kernel")
     for e in crossover:
         print(f"  {e['rows']:4d}  {e['decode'] and e['decode'] * 1e3 or '-'}  "

@@ -7,31 +7,116 @@
 // over its share of every key tile with mma.sync (fp32 accumulation), the K/V tiles
 // stream through an ST-stage cp.async ring shared by the block, and at the end the
 // key groups merge in shared memory. Each split writes its normalised partial
-// (o, lse) to a workspace; decode_combine merges the splits in a fixed order
-// (deterministic) with the convex merge of kernels/merge.cuh, into out and lse
-// (accumulating into them when asked, as the ring does).
+// (o, lse) to a workspace; the block that finishes last of its (batch, K/V head)
+// (a counter per pair, reset by that block for the next launch) merges the splits
+// in a fixed order (deterministic, whichever block it is) with the convex merge of
+// kernels/merge.cuh, into out and lse (accumulating into them when asked, as the
+// ring does). One launch: a decode call costs the host one kernel launch.
 //
 // Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hk, D), element strides for batch / seq /
 // head, the last axis contiguous and 16-byte aligned (the caller copies what is
 // not). Masks by global position (kernels/mask.cuh); key_len hides keys at index
 // >= key_len[b]. Workspace: o_part (splits, B, Hk, R, D) float, lse_part (splits,
-// B, Hk, R) double, R = Sq * G.
+// B, Hk, R) double, R = Sq * G padded to 16 per row group; counters (B * Hk) int,
+// zero before the first launch.
 
 #include "common.cuh"
 #include "mask.cuh"
 #include "merge.cuh"
 
-template <int D, int WR, int WK, int BN, int ST, bool BF16, bool MASK>
+// Merge the splits of row r of (batch, K/V head) bhk and write out / lse (merging
+// into them when accumulating); one warp: lane j takes splits j, j + 32, ..., the
+// warp reduces the max and the weighted sums with shuffles in a fixed order
+// (deterministic). The partials were written by other blocks of this launch: read
+// them through L2 (ld.global.cg), never through the read-only path.
+template <int D, bool OUT16, bool BF16>
+DEVI void combine_row(const float* OPart, const double* LsePart, void* __restrict__ Out,
+                      double* __restrict__ Lse, int Sq, int Hq, int Hk, int splits,
+                      long long stride, long long bhk, int r, int rows_padded,
+                      long long osb, long long oss, long long osh, long long lsb,
+                      long long lsh, int accumulate, int lane) {
+  static_assert(D % 32 == 0, "head dim");
+  constexpr int PER_LANE = D / 32;  // output columns each lane writes
+  const double NEG_INF = -__longlong_as_double(0x7ff0000000000000LL);
+  const int G = Hq / Hk;
+  const int hk = (int)(bhk % Hk), b = (int)(bhk / Hk);
+  const int i = r / G, h = hk * G + (r - (r / G) * G);
+  const long long row_at = bhk * rows_padded + r;
+
+  double mx = NEG_INF;
+  for (int s = lane; s < splits; s += 32) mx = fmax(mx, __ldcg(LsePart + s * stride + row_at));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  double* lp = Lse + b * lsb + h * lsh + i;
+  const long long base = b * osb + (long long)i * oss + h * osh;
+  if (mx == NEG_INF) {  // no split saw a key
+    if (!accumulate) {
+      if (lane == 0) *lp = NEG_INF;
+#pragma unroll
+      for (int c = 0; c < PER_LANE; ++c) {
+        const int col = c * 32 + lane;
+        if (OUT16) reinterpret_cast<u16*>(Out)[base + col] = 0;
+        else reinterpret_cast<float*>(Out)[base + col] = 0.f;
+      }
+    }
+    return;
+  }
+  double den = 0.0;
+  float acc[PER_LANE];
+#pragma unroll
+  for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
+  for (int s0 = 0; s0 < splits; s0 += 32) {
+    // each lane weighs one split; then every lane adds all 32 splits' columns it owns
+    const int s = s0 + lane;
+    const double l = s < splits ? __ldcg(LsePart + s * stride + row_at) : NEG_INF;
+    const float w = l == NEG_INF ? 0.f : (float)exp(l - mx);
+    den += (double)w;
+    const int count = min(32, splits - s0);
+    for (int j = 0; j < count; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+      if (wj == 0.f) continue;
+      const float* op = OPart + ((s0 + j) * stride + row_at) * D;
+#pragma unroll
+      for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(wj, __ldcg(op + c * 32 + lane), acc[c]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+  const double lse_new = mx + log(den);
+  float w_old = 0.f, w_new = (float)(1.0 / den);
+  double lse_out = lse_new;
+  const double lse_old = accumulate ? *lp : NEG_INF;
+  if (accumulate) merge_weights(lse_old, lse_new, (float)(1.0 / den), w_old, w_new, lse_out);
+#pragma unroll
+  for (int c = 0; c < PER_LANE; ++c) {
+    const long long at = base + c * 32 + lane;
+    float x = acc[c] * w_new;
+    if (OUT16) {
+      u16* p = reinterpret_cast<u16*>(Out) + at;
+      if (accumulate && w_old != 0.f) x = fmaf(w_old, half_to_float<BF16>(*p), x);
+      *p = float_to_half<BF16>(x);
+    } else {
+      float* p = reinterpret_cast<float*>(Out) + at;
+      if (accumulate && w_old != 0.f) x = fmaf(w_old, *p, x);
+      *p = x;
+    }
+  }
+  if (lane == 0) *lp = lse_out;
+}
+
+template <int D, int WR, int WK, int BN, int ST, bool BF16, bool MASK, bool OUT16>
 __global__ void __launch_bounds__(WR * WK * 32)
 flash_decode_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
-                 const u16* __restrict__ V, float* __restrict__ OPart,
-                 double* __restrict__ LsePart, int Sq, int Sk, int Hq, int Hk, int splits,
+                 const u16* __restrict__ V, float* OPart, double* LsePart,
+                 int Sq, int Sk, int Hq, int Hk, int splits,
                  long long qsb, long long qss, long long qsh,
                  long long ksb, long long kss, long long ksh,
                  long long vsb, long long vss, long long vsh,
                  float sl2, const int* __restrict__ key_len, long long q_off, long long k_off,
                  long long left, long long right, const long long* __restrict__ docs,
-                 int ndocs) {
+                 int ndocs, void* __restrict__ Out, double* __restrict__ Lse,
+                 long long osb, long long oss, long long osh, long long lsb, long long lsh,
+                 int accumulate, int* __restrict__ counters) {
   static_assert(D % 16 == 0 && BN % (16 * WK) == 0, "tile shape");
   constexpr int NW = WR * WK;
   constexpr int NT = NW * 32;
@@ -260,90 +345,19 @@ flash_decode_mma(const u16* __restrict__ Q, const u16* __restrict__ K,
     if (col == 0)
       LsePart[part + row] = l > 0.f ? lse_of(m, l) : (double)SP_NEG_INF;
   }
+
+  // the last split of this (batch, K/V head) to finish merges them all
+  __shared__ int s_last;
+  __threadfence();  // this block's partials reach L2 before its count
+  __syncthreads();
+  if (tid == 0) s_last = atomicAdd(counters + bh, 1) == splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const long long stride = (long long)gridDim.y * R;  // between splits
+  for (int r = warp; r < rows; r += NW)
+    combine_row<D, OUT16, BF16>(OPart, LsePart, Out, Lse, Sq, Hq, Hk, splits, stride, bh, r,
+                                R, osb, oss, osh, lsb, lsh, accumulate, lane);
+  if (tid == 0) counters[bh] = 0;  // ready for the next launch (and graph replay)
 }
 
-// Merge the splits of every row and write out / lse (merging into them when
-// accumulating). One warp per row (b, hk, r): lane j takes splits j, j + 32, ...,
-// the warp reduces the max and the weighted sums with shuffles in a fixed order
-// (deterministic), then writes the row.
-template <int D, bool OUT16, bool BF16>
-__global__ void __launch_bounds__(128)
-decode_combine(const float* __restrict__ OPart, const double* __restrict__ LsePart,
-               void* __restrict__ Out, double* __restrict__ Lse, int Sq, int Hq, int Hk,
-               int splits, int rows_padded, int B,
-               long long osb, long long oss, long long osh, long long lsb, long long lsh,
-               int accumulate) {
-  static_assert(D % 32 == 0, "head dim");
-  constexpr int PER_LANE = D / 32;  // output columns each lane writes
-  const double NEG_INF = -__longlong_as_double(0x7ff0000000000000LL);
-  const int G = Hq / Hk;
-  const int lane = threadIdx.x & 31;
-  const long long row_id = (long long)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-  if (row_id >= (long long)B * Hk * Sq * G) return;
-  const int r = (int)(row_id % (Sq * G));
-  const long long bhk = row_id / (Sq * G);
-  const int hk = (int)(bhk % Hk), b = (int)(bhk / Hk);
-  const int i = r / G, h = hk * G + (r - (r / G) * G);
-  const long long stride = (long long)B * Hk * rows_padded;  // between splits
-  const long long row_at = bhk * rows_padded + r;
-
-  double mx = NEG_INF;
-  for (int s = lane; s < splits; s += 32) mx = fmax(mx, LsePart[s * stride + row_at]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  double* lp = Lse + b * lsb + h * lsh + i;
-  const long long base = b * osb + (long long)i * oss + h * osh;
-  if (mx == NEG_INF) {  // no split saw a key
-    if (!accumulate) {
-      if (lane == 0) *lp = NEG_INF;
-#pragma unroll
-      for (int c = 0; c < PER_LANE; ++c) {
-        const int col = c * 32 + lane;
-        if (OUT16) reinterpret_cast<u16*>(Out)[base + col] = 0;
-        else reinterpret_cast<float*>(Out)[base + col] = 0.f;
-      }
-    }
-    return;
-  }
-  double den = 0.0;
-  float acc[PER_LANE];
-#pragma unroll
-  for (int c = 0; c < PER_LANE; ++c) acc[c] = 0.f;
-  for (int s0 = 0; s0 < splits; s0 += 32) {
-    // each lane weighs one split; then every lane adds all 32 splits' columns it owns
-    const int s = s0 + lane;
-    const double l = s < splits ? LsePart[s * stride + row_at] : NEG_INF;
-    const float w = l == NEG_INF ? 0.f : (float)exp(l - mx);
-    den += (double)w;
-    const int count = min(32, splits - s0);
-    for (int j = 0; j < count; ++j) {
-      const float wj = __shfl_sync(0xffffffffu, w, j);
-      if (wj == 0.f) continue;
-      const float* op = OPart + ((s0 + j) * stride + row_at) * D;
-#pragma unroll
-      for (int c = 0; c < PER_LANE; ++c) acc[c] = fmaf(wj, op[c * 32 + lane], acc[c]);
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
-  const double lse_new = mx + log(den);
-  float w_old = 0.f, w_new = (float)(1.0 / den);
-  double lse_out = lse_new;
-  const double lse_old = accumulate ? *lp : NEG_INF;
-  if (accumulate) merge_weights(lse_old, lse_new, (float)(1.0 / den), w_old, w_new, lse_out);
-#pragma unroll
-  for (int c = 0; c < PER_LANE; ++c) {
-    const long long at = base + c * 32 + lane;
-    float x = acc[c] * w_new;
-    if (OUT16) {
-      u16* p = reinterpret_cast<u16*>(Out) + at;
-      if (accumulate && w_old != 0.f) x = fmaf(w_old, half_to_float<BF16>(*p), x);
-      *p = float_to_half<BF16>(x);
-    } else {
-      float* p = reinterpret_cast<float*>(Out) + at;
-      if (accumulate && w_old != 0.f) x = fmaf(w_old, *p, x);
-      *p = x;
-    }
-  }
-  if (lane == 0) *lp = lse_out;
-}

@@ -41,10 +41,10 @@ _lock = threading.Lock()
 
 def capturing(x) -> bool:
     """Whether ``x`` is a CuPy array and CuPy's current stream is capturing a graph."""
-    if type(x).__module__.split(".")[0] != "cupy" or "cupy" not in sys.modules:
+    module = type(x).__module__
+    cupy = sys.modules.get("cupy")
+    if cupy is None or (module != "cupy" and not module.startswith("cupy.")):
         return False
-    import cupy
-
     return bool(cupy.cuda.get_current_stream().is_capturing())
 
 
@@ -57,17 +57,18 @@ def _allocate_kept(size: int):
     return pointer
 
 
-@contextlib.contextmanager
+_NOT_CAPTURING = contextlib.nullcontext()
+
+
 def graph_memory(first_argument):
-    """Inside: CuPy arrays allocated by this thread come from kept memory when the
-    current stream captures (``first_argument`` says whether this is a GPU call)."""
+    """A context inside which CuPy arrays allocated by this thread come from kept memory
+    when the current stream captures (``first_argument`` says whether this is a GPU
+    call); a call's every microsecond counts, so no generator when nothing captures."""
     if not capturing(first_argument):
-        yield
-        return
+        return _NOT_CAPTURING
     import cupy
 
-    with cupy.cuda.using_allocator(_allocate_kept):
-        yield
+    return cupy.cuda.using_allocator(_allocate_kept)
 
 
 def keep_for_graph(*objects) -> None:

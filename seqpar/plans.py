@@ -96,7 +96,8 @@ class AttentionPlan:
             self._run = run
         else:
             self._run = p.kernel.plan_forward(p.q, p.k, p.v, scale=p.scale, mask=mask,
-                                              q_offset=int(q_offset), key_lengths=lengths)
+                                              q_offset=int(q_offset), key_lengths=lengths,
+                                              need_lse=self._return_lse)
 
     def __call__(self, q: Array, k: Array, v: Array, *, key_lengths: Array | None = None
                  ) -> Output:

@@ -199,6 +199,9 @@ class DirectLaunch:
                                   dtype=np.uint64)
         self._kinds = kinds
         self._shape = (*(int(g) for g in grid), *(int(b) for b in block), int(shared_mem))
+        # resolved once: numpy's .ctypes and the library lookup cost microseconds a call
+        self._parameters = int(self._pointers.ctypes.data)
+        self._launch = _driver().cuLaunchKernel
 
     def set(self, index: int, value) -> None:
         """Write parameter ``index`` (a CuPy array is its data pointer; None is null)."""
@@ -214,8 +217,7 @@ class DirectLaunch:
             self.slots.view(np.float32)[2 * index] = value
 
     def __call__(self, stream_ptr: int) -> None:
-        status = _driver().cuLaunchKernel(self._function, *self._shape, stream_ptr,
-                                          self._pointers.ctypes.data, None)
+        status = self._launch(self._function, *self._shape, stream_ptr, self._parameters, None)
         if status:
             raise RuntimeError(f"cuLaunchKernel failed with CUresult {status}")
 

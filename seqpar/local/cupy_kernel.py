@@ -249,19 +249,18 @@ def _decode_kernels(kind, head_dim, groups, key_groups, bn, stages, masked, out1
     tf = ("false", "true")
     bf16 = tf[kind == "bf16"]
     main = (f"flash_decode_mma<{head_dim}, {groups}, {key_groups}, {bn}, {stages}, {bf16}, "
-            f"{tf[masked]}>")
-    combine = f"decode_combine<{head_dim}, {tf[out16]}, {bf16}>"
+            f"{tf[masked]}, {tf[out16]}>")
     rows = 16 * groups
     ld = head_dim + 8
     smem = max(2 * (rows * ld + 2 * stages * bn * ld),
                2 * rows * ld + 4 * (key_groups * rows * head_dim + 2 * key_groups * rows))
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(code=source("flash_decode.cu"), options=("-std=c++17",),
-                                name_expressions=[main, combine])
+                                name_expressions=[main])
         fn = module.get_function(main)
         if smem > 48 * 1024:
             fn.max_dynamic_shared_size_bytes = smem
-        return fn, module.get_function(combine), smem
+        return fn, smem
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,80 +269,81 @@ def _multiprocessors(device_id: int) -> int:
 
 
 def _decode_geometry(q_shape, k_shape, masked, kind, out16, dev):
-    """(main kernel, combine kernel, shared bytes, splits, row groups, key groups) of a
-    split-K/V launch: whole waves of blocks over the SMs (a part-filled last wave idles
-    the rest), as many as keep every split at least a few tiles long."""
+    """(kernel, shared bytes, splits, row groups, key groups) of a split-K/V launch: one
+    wave of blocks over the SMs (as many as fit at once), fewer where a split would
+    get under a few tiles. Each split's partial costs the merge a pass, so more blocks
+    than fit at once only lose: measured at 1 query, 32/8 heads, d = 128, 64k keys,
+    33 splits 91 µs, 66 splits 111 µs, 132 splits 149 µs (benchmarks/gpu_decode.md)."""
     batch, sq, hq, d = q_shape
     sk, hk = k_shape[1], k_shape[2]
     groups, key_groups, bn, stages = _decode_shape(sq * (hq // hk), d)
-    fn, combine, smem = _decode_kernels(kind, d, groups, key_groups, bn, stages, masked, out16,
-                                        dev)
+    fn, smem = _decode_kernels(kind, d, groups, key_groups, bn, stages, masked, out16, dev)
     per_sm = max(1, min(_SMEM_PER_SM // (smem + 1024), 2048 // (32 * groups * key_groups)))
     wave = per_sm * _multiprocessors(dev)
     most = max(1, -(-sk // _DECODE_MIN_KEYS_PER_SPLIT))
-    for waves in (2, 1):  # blocks of a split are equally long: few waves suffice
-        if waves * wave >= batch * hk and (waves * wave) // (batch * hk) <= most:
-            splits = (waves * wave) // (batch * hk)
-            break
-    else:
-        splits = min(most, max(1, wave // (batch * hk)))
-    return fn, combine, smem, splits, groups, key_groups
+    splits = min(most, max(1, wave // (batch * hk)))
+    return fn, smem, splits, groups, key_groups
 
 
 def _decode_arguments(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset,
-                      k_offset, key_lengths, accumulate, splits, groups, o_part, lse_part,
+                      k_offset, key_lengths, accumulate, splits, o_part, lse_part, counters,
                       dev):
-    """The two launches' arguments, in the kernels' order."""
-    batch, sq, hq, _ = q.shape
+    """The launch's arguments, in the kernel's order."""
+    _, sq, hq, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     i32, i64 = np.int32, np.int64
     lengths = key_lengths if key_lengths is not None else np.uintp(0)
-    main = (q, k, v, o_part, lse_part, i32(sq), i32(sk), i32(hq), i32(hk), i32(splits),
+    return (q, k, v, o_part, lse_part, i32(sq), i32(sk), i32(hq), i32(hk), i32(splits),
             i64(qs[0]), i64(qs[1]), i64(qs[2]), i64(ks[0]), i64(ks[1]), i64(ks[2]),
             i64(vs[0]), i64(vs[1]), i64(vs[2]), np.float32(scale * math.log2(math.e)),
-            lengths, *_mask_args(mask, q_offset, k_offset, dev))
-    combine = (o_part, lse_part, out, lse, i32(sq), i32(hq), i32(hk), i32(splits),
-               i32(16 * groups), i32(batch), i64(os_[0]), i64(os_[1]), i64(os_[2]),
-               i64(ls[0]), i64(ls[1]), i32(bool(accumulate)))
-    return main, combine
+            lengths, *_mask_args(mask, q_offset, k_offset, dev), out, lse, i64(os_[0]),
+            i64(os_[1]), i64(os_[2]), i64(ls[0]), i64(ls[1]), i32(bool(accumulate)), counters)
 
 
-# the C types of the two kernels' parameters, for DirectLaunch (see _decode_arguments)
-_DECODE_KINDS = "ppppp" + "iiiii" + "qqqqqqqqq" + "f" + "p" + "qqqqpi"
-_COMBINE_KINDS = "pppp" + "iiiiii" + "qqqqq" + "i"
+# the C types of the kernel's parameters, for DirectLaunch (see _decode_arguments)
+_DECODE_KINDS = "ppppp" + "iiiii" + "qqqqqqqqq" + "f" + "p" + "qqqqpi" + "pp" + "qqqqq" + "ip"
+# where the kernel's array pointers sit in that list
+_DECODE_Q, _DECODE_PARTS, _DECODE_LENGTHS, _DECODE_OUT, _DECODE_COUNTERS = 0, 3, 20, 27, 35
+
+
+def _decode_workspace(splits, batch, hk, padded, d):
+    """o_part, lse_part and the split counters of one launch (the counters start at 0
+    and the kernel leaves them so)."""
+    cupy = _cupy()
+    return (cupy.empty((splits, batch, hk, padded, d), dtype=np.float32),
+            cupy.empty((splits, batch, hk, padded), dtype=np.float64),
+            cupy.zeros(batch * hk, dtype=np.int32))
 
 
 def _decode(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset,
             key_lengths, accumulate, kind, dev):
-    """Split-K/V launch: every SM streams a share of the keys, then one combine."""
-    cupy = _cupy()
+    """Split-K/V launch: every SM streams a share of the keys; the last split of each
+    (batch, K/V head) merges them."""
     batch, sq, hq, d = q.shape
     hk = k.shape[2]
     masked = mask is not None or key_lengths is not None
-    fn, combine, smem, splits, groups, key_groups = _decode_geometry(
+    fn, smem, splits, groups, key_groups = _decode_geometry(
         q.shape, k.shape, masked, kind, out.dtype != np.float32, dev)
-    padded = 16 * groups
-    o_part = cupy.empty((splits, batch, hk, padded, d), dtype=np.float32)
-    lse_part = cupy.empty((splits, batch, hk, padded), dtype=np.float64)
-    main_args, combine_args = _decode_arguments(
-        q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset, k_offset, key_lengths,
-        accumulate, splits, groups, o_part, lse_part, dev)
+    o_part, lse_part, counters = _decode_workspace(splits, batch, hk, 16 * groups, d)
+    args = _decode_arguments(q, k, v, out, lse, qs, ks, vs, os_, ls, scale, mask, q_offset,
+                             k_offset, key_lengths, accumulate, splits, o_part, lse_part,
+                             counters, dev)
     with q.device:
-        fn((splits, batch * hk, 1), (32 * groups * key_groups, 1, 1), main_args,
-           shared_mem=smem)
-        warps = batch * hk * sq * (hq // hk)  # one warp per row
-        combine((-(-warps // 4), 1, 1), (128, 1, 1), combine_args)
+        fn((splits, batch * hk, 1), (32 * groups * key_groups, 1, 1), args, shared_mem=smem)
     return out, lse
 
 
-def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None):
+def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None,
+                 need_lse=True):
     """A callable ``(q, k, v, key_lengths, out=None, lse=None) -> (out, lse)`` that runs
     :func:`forward` for arrays like these (same shapes, strides, dtypes, device) with
     these settings.
 
     ``out_dtype`` is the dtype of the output later calls get (q's by default) or pass:
     float32 for the accumulator of a merge (K/V-sharded attention). ``out`` and ``lse``
-    given to a call must be C-contiguous, of that dtype and float64.
+    given to a call must be C-contiguous, of that dtype and float64. ``need_lse=False``:
+    the caller drops the lse it does not pass, so the plan may write it to its
+    workspace (overwritten by the next call on the stream) instead of a new array.
 
     Where the decode kernel runs and reads the operands in place, the plan holds its
     two launches with their parameters built (:class:`DirectLaunch`) and its workspace
@@ -366,44 +366,48 @@ def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out
             and sq and k.shape[1] and choose_kernel(q.dtype, d, _capability(dev), rows=rows)
             == "decode"):
         return run
-    return _PlannedDecode(q, k, v, scale, mask, q_offset, key_lengths, kind, dev, run, out16)
+    return _PlannedDecode(q, k, v, scale, mask, q_offset, key_lengths, kind, dev, run, out16,
+                          need_lse)
 
 
 class _PlannedDecode:
-    """The decode kernel's launches for one shape (see :func:`plan_forward`)."""
+    """The decode kernel's launch for one shape (see :func:`plan_forward`)."""
 
     def __init__(self, q, k, v, scale, mask, q_offset, key_lengths, kind, dev, unplanned,
-                 out16=True):
+                 out16=True, need_lse=True):
         cupy = _cupy()
         batch, sq, hq, d = q.shape
         hk = k.shape[2]
         masked = mask is not None or key_lengths is not None
-        fn, combine, smem, splits, groups, key_groups = _decode_geometry(
+        fn, smem, splits, groups, key_groups = _decode_geometry(
             q.shape, k.shape, masked, kind, out16, dev)
-        self._parts = ((splits, batch, hk, 16 * groups, d), (splits, batch, hk, 16 * groups))
-        self._out = (q.shape, q.dtype if out16 else np.dtype(np.float32), (batch, hq, sq))
-        self._workspace: dict = {}  # stream -> (o_part, lse_part)
-        # the parameter blocks are built for C-contiguous out and lse, as allocated here
+        self._geometry = (splits, batch, hk, 16 * groups, d)
+        self._lse_shape = (batch, hq, sq)
+        self._need_lse = need_lse
+        self._out = (q.shape, q.dtype if out16 else np.dtype(np.float32))
+        self._workspace: dict = {}  # stream -> what _buffers makes
+        # the parameter block is built for C-contiguous out and lse, as allocated here
         out = cupy.empty(q.shape, self._out[1])
-        lse = cupy.empty((batch, hq, sq), np.float64)
-        o_part, lse_part = (cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
-                                                                          np.float64)))
-        main_args, combine_args = _decode_arguments(
+        lse = cupy.empty(self._lse_shape, np.float64)
+        args = _decode_arguments(
             q, k, v, out, lse, *(_element_strides(x) for x in (q, k, v, out, lse)), scale,
-            mask, q_offset, 0, key_lengths, False, splits, groups, o_part, lse_part, dev)
-        warps = batch * hk * sq * (hq // hk)
-        self._main = DirectLaunch(fn, _DECODE_KINDS, (splits, batch * hk, 1),
-                                  (32 * groups * key_groups, 1, 1), smem)
-        self._combine = DirectLaunch(combine, _COMBINE_KINDS, (-(-warps // 4), 1, 1),
-                                     (128, 1, 1), 0)
-        for launch, args in ((self._main, main_args), (self._combine, combine_args)):
-            for i, value in enumerate(args):
-                launch.set(i, value)
+            mask, q_offset, 0, key_lengths, False, splits, *self._buffers()[:3], dev)
+        self._launch = DirectLaunch(fn, _DECODE_KINDS, (splits, batch * hk, 1),
+                                    (32 * groups * key_groups, 1, 1), smem)
+        for i, value in enumerate(args):
+            self._launch.set(i, value)
         self._docs = None if mask is None or mask.doc_starts is None else \
             doc_starts(tuple(mask.doc_starts), dev)  # the plan keeps what it points to
         self._unplanned = unplanned
         self._device = dev
-        self._lock = threading.Lock()  # the parameter blocks, from writing to launching
+        self._lock = threading.Lock()  # the parameter block, from writing to launching
+
+    def _buffers(self):
+        """o_part, lse_part, the split counters and, where the caller drops it, lse."""
+        buffers = _decode_workspace(*self._geometry)
+        if self._need_lse:
+            return buffers
+        return (*buffers, _cupy().empty(self._lse_shape, np.float64))
 
     def __call__(self, q, k, v, key_lengths, out=None, lse=None):
         cupy = _cupy()
@@ -412,31 +416,29 @@ class _PlannedDecode:
             # strides fit, a pointer may not (forward copies what it must); or another
             # device is current (forward launches on q's)
             return self._unplanned(q, k, v, key_lengths, out=out, lse=lse)
-        shape, dtype, lse_shape = self._out
         stream = cupy.cuda.get_current_stream()
-        if out is None:
-            out = cupy.empty(shape, dtype)
-        if lse is None:
-            lse = cupy.empty(lse_shape, np.float64)
         if stream.is_capturing():  # the graph keeps what it writes (seqpar.graphs)
-            parts = tuple(cupy.empty(s, t) for s, t in zip(self._parts, (np.float32,
-                                                                          np.float64)))
+            buffers = self._buffers()
         else:
-            parts = self._workspace.get(stream.ptr)
-            if parts is None:
+            buffers = self._workspace.get(stream.ptr)
+            if buffers is None:
                 if len(self._workspace) >= 8:  # streams come and go: keep a few
                     self._workspace.clear()
-                parts = self._workspace[stream.ptr] = tuple(
-                    cupy.empty(s, t) for s, t in zip(self._parts, (np.float32, np.float64)))
-        main, combine = self._main, self._combine
+                buffers = self._workspace[stream.ptr] = self._buffers()
+        if out is None:
+            out = cupy.empty(*self._out)
+        if lse is None:
+            lse = buffers[3] if len(buffers) > 3 else cupy.empty(self._lse_shape, np.float64)
+        slots = self._launch.slots
         with self._lock:
-            for i, x in enumerate((q, k, v, *parts)):
-                main.slots[i] = x.data.ptr
-            main.slots[20] = 0 if key_lengths is None else key_lengths.data.ptr
-            combine.slots[0], combine.slots[1] = parts[0].data.ptr, parts[1].data.ptr
-            combine.slots[2], combine.slots[3] = out.data.ptr, lse.data.ptr
-            main(stream.ptr)
-            combine(stream.ptr)
+            slots[_DECODE_Q], slots[_DECODE_Q + 1], slots[_DECODE_Q + 2] = (
+                q.data.ptr, k.data.ptr, v.data.ptr)
+            slots[_DECODE_PARTS], slots[_DECODE_PARTS + 1] = (buffers[0].data.ptr,
+                                                              buffers[1].data.ptr)
+            slots[_DECODE_LENGTHS] = 0 if key_lengths is None else key_lengths.data.ptr
+            slots[_DECODE_OUT], slots[_DECODE_OUT + 1] = out.data.ptr, lse.data.ptr
+            slots[_DECODE_COUNTERS] = buffers[2].data.ptr
+            self._launch(stream.ptr)
         return out, lse
 
 

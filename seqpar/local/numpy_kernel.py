@@ -67,10 +67,12 @@ def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=No
     return out, lse
 
 
-def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None):
+def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out_dtype=None,
+                 need_lse=True):
     """A callable ``(q, k, v, key_lengths, out=None, lse=None) -> (out, lse)`` running
     :func:`forward` with these settings (the CPU has nothing to prepare per shape;
-    ``out_dtype`` is that of the ``out`` later calls pass, or q's)."""
+    ``out_dtype`` is that of the ``out`` later calls pass, or q's; ``need_lse`` is
+    the GPU plan's and changes nothing here)."""
     def run(q, k, v, key_lengths, out=None, lse=None):
         return forward(q, k, v, scale=scale, mask=mask, q_offset=q_offset,
                        key_lengths=key_lengths, out=out, lse=lse)

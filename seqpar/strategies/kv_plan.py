@@ -24,6 +24,7 @@ number of keys of a rank and the strides of k and v (and key lengths, of course)
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 
 import numpy as np
@@ -280,6 +281,37 @@ class KVShardedPlan:
 
     def __call__(self, q, k, v, *, key_lengths=None):
         views = [_swap(x) for x in (q, k, v)] if self._transposed else [q, k, v]
+        alone = (self._channel.size == 1 and self._tag is None
+                 and threading.current_thread() is threading.main_thread())
+        result = self._alone(views, key_lengths) if alone else None
+        if result is None:
+            result = self._collective(views, key_lengths)
+        if not self._transposed:
+            return result
+        if isinstance(result, tuple):
+            return (_swap(result[0]),) + result[1:]
+        return _swap(result)
+
+    def _alone(self, views, key_lengths):
+        """The call on a communicator of one rank from the main thread without a tag,
+        for arrays that fit the plan: nobody to agree with or to tell of an error, so no
+        call record; None where they do not fit (the collective path then names what
+        differs). Other threads and tags take the collective path, which applies the
+        rules of :mod:`seqpar.comms` at one rank as at many."""
+        options = self._options
+        try:
+            if plan_key(*views, key_lengths, options["softmax_scale"], options["return_lse"],
+                        options["transport"], options["qkv_format"]) != self._key:
+                return None
+            lengths = self._execution.lengths(views[1], key_lengths)
+        except Exception:  # noqa: BLE001 - the full check names it
+            return None
+        with graph_memory(views[0]):
+            return self._execution.call(*views, lengths)
+
+    def _collective(self, views, key_lengths):
+        """The call with its agreement: one small Allreduce says every rank's arrays fit
+        the plan, else the full check and agreement run."""
         execution = self._execution
         with graph_memory(views[0]), comms.call(self._comm, "KVShardedPlan", self._tag) as context:
             record = comms.current_call()
@@ -307,11 +339,7 @@ class KVShardedPlan:
                                            options["softmax_scale"], options["return_lse"],
                                            options["transport"], build=False)
                 result = execution.call(*views, agreement.settings["key_lengths"])
-        if not self._transposed:
-            return result
-        if isinstance(result, tuple):
-            return (_swap(result[0]),) + result[1:]
-        return _swap(result)
+        return result
 
     def _check_fits(self, views, key_lengths) -> None:
         """ValueError naming the first argument of another description than the plan's."""
