@@ -24,6 +24,7 @@
 #                alone, then cProfile per public function (benchmarks/host_profile.py)
 #   decode-splits  decode kernel time against its split count (DECODE_KEYS, DECODE_SPLITS)
 #                beside torch SDPA (benchmarks/gpu_decode.py --splits)
+#   decode-bench the decode grid against torch SDPA (benchmarks/gpu_decode.py; JSON under $OUT)
 #   cpu-node     the host CPU: ring attention at every ranks x threads split of its 16
 #                cores against torch's CPU SDPA, one rank's thread scaling
 #                (benchmarks/cpu_node.py; JSON under $OUT)
@@ -106,6 +107,9 @@ sys.exit(pytest.main(["--with-mpi", "-q", "-p", "no:cacheprovider", "-m", "gpu",
       step decode-splits 240 python3 benchmarks/gpu_decode.py --keys "${DECODE_KEYS:-4096,65536,262144,1048576}" \
         --splits "${DECODE_SPLITS:-16,33,66,132,264,528}" --json "$OUT/gpu_decode_splits.json"
       sed -n '/^| batch/,$p' "$OUT/decode-splits.log" ;;
+    decode-bench)
+      step decode-bench 240 python3 benchmarks/gpu_decode.py --json "$OUT/gpu_decode.json"
+      sed -n '/^| batch/,$p' "$OUT/decode-bench.log" ;;
     cpu-node)
       step cpu-node 300 python3 benchmarks/cpu_node.py --json "$OUT/cpu_node.json"
       sed -n "/^## seqpar on one CPU node/,\$p" "$OUT/cpu-node.log" ;;
