@@ -19,7 +19,7 @@ Batches > 1 run only at the N of --batch-ns (4096). --long adds N for d = 128 wi
 192:8, 256:8; N 4096,16384,65536 and 131072 for 128:16; batches 1,8; causal 0,1);
 options given with it override its parts. --docs N: packed causal documents of random
 lengths (1k..64k tokens, fixed seed) at N tokens, batch 1, d 128, 16 heads, bf16,
-seqpar only, 10 separately timed calls. --plan prints the rows and an estimated run
+seqpar only, 10 separately timed calls after 5 s of warm-up calls. --plan prints the rows and an estimated run
 time and exits. The summary at the end is a Markdown table (benchmarks/gpu_attention.md).
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ import math
 import os
 import statistics
 import sys
+import time
 
 import cupy
 import ml_dtypes
@@ -45,6 +46,7 @@ TRIAL_S = 0.02         # aimed-at seconds per timed trial
 MAX_REPS = 1000        # tiny shapes are launch-bound (~10-20 us a call): no millions of calls
 TRIALS, WARMUP = 5, 2  # as in _time
 NAN = float("nan")
+DOCS_WARMUP_S = 5.0    # the documents run's warm-up before its 10 timed calls
 
 
 def _time(fn, inner, trials=5, warmup=2):
@@ -85,11 +87,15 @@ def _by_group(groups, measure):
     return found
 
 
-def _time_each(fn, calls=10, warmup=2):
-    """Seconds of each of `calls` calls, each alone between CUDA events (synchronised)."""
-    for _ in range(warmup):
+def _time_each(fn, calls=10, warmup=2, warmup_s=0.0):
+    """Seconds of each of `calls` calls, each alone between CUDA events (synchronised),
+    after `warmup` calls and at least `warmup_s` seconds of them."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
         fn()
-    cupy.cuda.Device().synchronize()
+        cupy.cuda.Device().synchronize()
+        done += 1
     ts = []
     for _ in range(calls):
         a, b = cupy.cuda.Event(), cupy.cuda.Event()
@@ -347,8 +353,10 @@ def _run_docs(n, d=128, h=16, seed=0, groups=()):
         q, k, v = _inputs("bf16", d, h, h, 1, n)
         out = cupy.empty_like(q)
         mask = Mask.build(causal=True, seqlens=lengths)
+        # calls of 0.4 s right after the grid: the first seconds ran 10 % apart from
+        # call to call, later ones within 1-2 % (benchmarks/gpu_attention.md)
         ts = _time_each(lambda: cupy_kernel.forward(q, k, v, scale=1.0 / math.sqrt(d),
-                                                    mask=mask, out=out))
+                                                    mask=mask, out=out), warmup_s=DOCS_WARMUP_S)
         med = statistics.median(ts)
         res.update(ms=[t * 1e3 for t in ts], min_ms=min(ts) * 1e3, median_ms=med * 1e3,
                    max_ms=max(ts) * 1e3, spread_pct=(max(ts) - min(ts)) / med * 100,
