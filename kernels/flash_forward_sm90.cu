@@ -1,6 +1,6 @@
 // seqpar: fused exact-softmax attention forward for Hopper (sm_90a), one device.
 //
-//   flash_fwd_sm90<D, BN, NWG, ST, BF16, PP, PREG, CREG, EMU>   fp16 / bf16, D = 64 to 256
+//   flash_fwd_sm90<D, BN, NWG, ST, BF16, PP, PREG, CREG>   fp16 / bf16, D = 64 to 256
 //
 // Head dims are held in 64-column (128-byte) panels: D = 96 fills a second panel
 // half-way (the tensor maps read the columns past D as zeros), S = Q K^T runs
@@ -100,33 +100,7 @@ DEVI int tile_index(int r, int n_tiles) {
 // Online softmax on one S tile held as wgmma accumulators (see sm90.cuh): per
 // thread rows a = g and b = g + 8 of its warp; s[4 j + c], key n0 + 8 j + 2 t + (c & 1).
 // ---------------------------------------------------------------------------
-// 2^x (x <= 0) on the FMA pipe: x = j + f, j the nearest integer (the 1.5 * 2^23 trick,
-// which leaves j in the low bits of t), f in [-0.5, 0.5]; 2^f by a degree-4 polynomial
-// (relative error 2.9e-6, fitted to the relative error), j added to its exponent; 0
-// below -126 (so -inf, a masked score, gives exactly 0 as ex2.approx.ftz does).
-DEVI float ex2_fma(float x) {
-  const float t = x + 12582912.f;
-  const float f = x - (t - 12582912.f);
-  float p = fmaf(0.009582853f, f, 0.055906426f);
-  p = fmaf(p, f, 0.240240991f);
-  p = fmaf(p, f, 0.693124175f);
-  p = fmaf(p, f, 1.f);
-  const float y = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-  return x < -126.f ? 0.f : y;
-}
-
-// The exponentials of one score tile: every EMU-th group of four on the FMA pipe
-// (EMU = 0: all on the MUFU). At d = 64 the two products of a tile take as long as its
-// exponentials on the MUFU; moving a share to the FMA pipe balances the two.
-template <int EMU>
-DEVI float tile_ex2(float x, int j) {
-  if constexpr (EMU > 0) {
-    if (j % EMU == EMU - 1) return ex2_fma(x);
-  }
-  return ex2(x);
-}
-
-template <int BN, int EMU>
+template <int BN>
 DEVI void softmax_step(float (&s)[BN / 2], bool partial, int key0, int lo_a, int hi_a, int lo_b,
                        int hi_b, float sl2, float& m_a, float& m_b, float& l_a, float& l_b,
                        float& al_a, float& al_b) {
@@ -159,10 +133,10 @@ DEVI void softmax_step(float (&s)[BN / 2], bool partial, int key0, int lo_a, int
   float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
-    s[4 * j] = tile_ex2<EMU>(fmaf(s[4 * j], sl2, -mu_a), j);
-    s[4 * j + 1] = tile_ex2<EMU>(fmaf(s[4 * j + 1], sl2, -mu_a), j);
-    s[4 * j + 2] = tile_ex2<EMU>(fmaf(s[4 * j + 2], sl2, -mu_b), j);
-    s[4 * j + 3] = tile_ex2<EMU>(fmaf(s[4 * j + 3], sl2, -mu_b), j);
+    s[4 * j] = ex2(fmaf(s[4 * j], sl2, -mu_a));
+    s[4 * j + 1] = ex2(fmaf(s[4 * j + 1], sl2, -mu_a));
+    s[4 * j + 2] = ex2(fmaf(s[4 * j + 2], sl2, -mu_b));
+    s[4 * j + 3] = ex2(fmaf(s[4 * j + 3], sl2, -mu_b));
     sum_a += s[4 * j] + s[4 * j + 1];
     sum_b += s[4 * j + 2] + s[4 * j + 3];
   }
@@ -205,7 +179,7 @@ DEVI void gemm_pv(float (&o)[D / 2], const u32 (&p)[BN / 4], u64 v_desc) {
 
 }  // namespace fwd90
 
-template <int D, int BN, int NWG, int ST, bool BF16, bool PP, int PREG, int CREG, int EMU>
+template <int D, int BN, int NWG, int ST, bool BF16, bool PP, int PREG, int CREG>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1)
 flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaDesc tmk,
                const __grid_constant__ TmaDesc tmv, void* __restrict__ Out,
@@ -350,7 +324,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
       }
       {
         const bool partial = !(lo_wl <= n0 && hi_wf >= n0 + BN - 1);
-        softmax_step<BN, EMU>(s, partial, n0 + 2 * tq, lo_a, hi_a, lo_b, hi_b, sl2, m_a, m_b, l_a,
+        softmax_step<BN>(s, partial, n0 + 2 * tq, lo_a, hi_a, lo_b, hi_b, sl2, m_a, m_b, l_a,
                          l_b, al_a, al_b);
       }
       to_a_fragments<BN, BF16>(s, p);
@@ -379,7 +353,7 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
           if (i == t.n - 1) sm90::mbar_arrive(q_empty);
         }
         const bool partial = !(lo_wl <= n0 && hi_wf >= n0 + BN - 1);
-        softmax_step<BN, EMU>(s, partial, n0 + 2 * tq, lo_a, hi_a, lo_b, hi_b, sl2, m_a, m_b, l_a,
+        softmax_step<BN>(s, partial, n0 + 2 * tq, lo_a, hi_a, lo_b, hi_b, sl2, m_a, m_b, l_a,
                          l_b, al_a, al_b);
         sm90::wg_wait<0>();
         sm90::reg_fence(o);
@@ -465,15 +439,15 @@ flash_fwd_sm90(const __grid_constant__ TmaDesc tmq, const __grid_constant__ TmaD
 }
 
 #ifdef SEQPAR_SM90_INSTANTIATE  // offline builds (nvcc -cubin): the shipped configurations
-#define SEQPAR_FWD90(D, BN, PP, EMU)                                                               \
-  template __global__ void flash_fwd_sm90<D, BN, 2, 2, true, PP, 24, 240, EMU>(                \
+#define SEQPAR_FWD90(D, BN, PP)                                                                 \
+  template __global__ void flash_fwd_sm90<D, BN, 2, 2, true, PP, 24, 240>(                     \
       const __grid_constant__ TmaDesc, const __grid_constant__ TmaDesc,                        \
       const __grid_constant__ TmaDesc, void*, double*, const long long*, const long long*, int, \
       int, int, int, int, int, int, long long, long long, long long, long long, long long,     \
       long long, long long, long long, long long, int, float, int, int, int);
-SEQPAR_FWD90(64, 128, true, 4)
-SEQPAR_FWD90(96, 128, true, 0)
-SEQPAR_FWD90(128, 128, true, 0)
-SEQPAR_FWD90(192, 112, false, 0)
-SEQPAR_FWD90(256, 80, false, 0)
+SEQPAR_FWD90(64, 128, true)
+SEQPAR_FWD90(96, 128, true)
+SEQPAR_FWD90(128, 128, true)
+SEQPAR_FWD90(192, 112, false)
+SEQPAR_FWD90(256, 80, false)
 #endif

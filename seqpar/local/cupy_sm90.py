@@ -39,7 +39,6 @@ class Config(NamedTuple):
     pingpong: bool   # consumers take turns issuing their products
     preg: int        # registers of the producer warpgroup (setmaxnreg)
     creg: int        # registers of each consumer warpgroup
-    emu: int = 0     # every emu-th group of four exponentials on the FMA pipe (0: none)
 
 
 # head dim -> configuration (measured: benchmarks/gpu_kernel_notes.md, "Hopper kernel").
@@ -47,7 +46,7 @@ class Config(NamedTuple):
 # Q, K, V panels in shared memory grow with d) and no ping-pong: with P V at N = d the
 # products are long enough that the consumers' turns only add waits.
 CONFIGS = {
-    64: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240, emu=4),
+    64: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
     96: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
     128: Config(bn=128, nwg=2, stages=2, pingpong=True, preg=24, creg=240),
     192: Config(bn=112, nwg=2, stages=2, pingpong=False, preg=24, creg=240),
@@ -106,7 +105,7 @@ def _kernel(d, bf16, cfg, device_id):
     cupy = _cupy()
     name = (f"flash_fwd_sm90<{d}, {cfg.bn}, {cfg.nwg}, {cfg.stages}, "
             f"{'true' if bf16 else 'false'}, {'true' if cfg.pingpong else 'false'}, "
-            f"{cfg.preg}, {cfg.creg}, {cfg.emu}>")
+            f"{cfg.preg}, {cfg.creg}>")
     threads = 128 * (cfg.nwg + 1)
     smem = shared_bytes(d, cfg)
     with cupy.cuda.Device(device_id):
