@@ -18,8 +18,9 @@ Tiles that the mask hides entirely are never computed, tiles it shows entirely
 skip the mask arithmetic.
 
 Besides: ``plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None,
-out_dtype=None, need_lse=True)``, a callable ``(q, k, v, key_lengths, out=None, lse=None)`` running
-forward for arrays of that description with what can be worked out once done; and the
+out_dtype=None, need_lse=True)``, a callable ``(q, k, v, key_lengths, out=None,
+lse=None)`` running forward for arrays of that description with what can be worked out
+once done; and the
 K/V-sharded merge steps ``sum_weights``, ``normalise_sums``, ``sums_lse`` (those of
 :mod:`seqpar.merge`; the GPU's are fused kernels).
 
