@@ -90,7 +90,7 @@ def pieces(q, k, v, plan, calls):
 
     decode = plan._run
     stream = cupy.cuda.get_current_stream()
-    launch = getattr(decode, "_main", None)
+    launch = getattr(decode, "_launch", None)
     steps = {
         "plan(q, k, v)": lambda: plan(q, k, v),
         "plan._call (no description check)": lambda: plan._call(q, k, v, None),

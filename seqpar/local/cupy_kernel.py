@@ -346,9 +346,9 @@ def plan_forward(q, k, v, *, scale, mask=None, q_offset=0, key_lengths=None, out
     workspace (overwritten by the next call on the stream) instead of a new array.
 
     Where the decode kernel runs and reads the operands in place, the plan holds its
-    two launches with their parameters built (:class:`DirectLaunch`) and its workspace
-    per stream: a call allocates out and lse (unless given), writes eight pointers and
-    launches. Elsewhere (and for operands whose data is not 16-byte aligned) it calls
+    launch with its parameters built (:class:`DirectLaunch`) and its workspace
+    per stream: a call allocates out and lse (unless given, or lse dropped), writes nine
+    pointers and launches once. Elsewhere (and for operands whose data is not 16-byte aligned) it calls
     :func:`forward`: the kernel's own checks, then the launch.
     """
     kind, dev = _kind(q.dtype), q.device.id

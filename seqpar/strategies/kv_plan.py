@@ -298,10 +298,8 @@ class KVShardedPlan:
         call record; None where they do not fit (the collective path then names what
         differs). Other threads and tags take the collective path, which applies the
         rules of :mod:`seqpar.comms` at one rank as at many."""
-        options = self._options
         try:
-            if plan_key(*views, key_lengths, options["softmax_scale"], options["return_lse"],
-                        options["transport"], options["qkv_format"]) != self._key:
+            if self._key_of(views, key_lengths) != self._key:
                 return None
             lengths = self._execution.lengths(views[1], key_lengths)
         except Exception:  # noqa: BLE001 - the full check names it
@@ -312,15 +310,12 @@ class KVShardedPlan:
     def _collective(self, views, key_lengths):
         """The call with its agreement: one small Allreduce says every rank's arrays fit
         the plan, else the full check and agreement run."""
-        execution = self._execution
+        execution, options = self._execution, self._options
         with graph_memory(views[0]), comms.call(self._comm, "KVShardedPlan", self._tag) as context:
             record = comms.current_call()
             lengths, fits = None, False
             try:
-                options = self._options
-                if record.deferred is None and plan_key(
-                        *views, key_lengths, options["softmax_scale"], options["return_lse"],
-                        options["transport"], options["qkv_format"]) == self._key and (
+                if record.deferred is None and self._key_of(views, key_lengths) == self._key and (
                         self._channel.size == 1 or self._nccl or not capturing(views[0])):
                     lengths, fits = execution.lengths(views[1], key_lengths), True
             except Exception:  # noqa: BLE001 - the full check below names it on every rank
@@ -341,11 +336,16 @@ class KVShardedPlan:
                 result = execution.call(*views, agreement.settings["key_lengths"])
         return result
 
+    def _key_of(self, views, key_lengths):
+        """:func:`plan_key` of a call's arrays with the plan's settings."""
+        options = self._options
+        return plan_key(*views, key_lengths, options["softmax_scale"], options["return_lse"],
+                        options["transport"], options["qkv_format"])
+
     def _check_fits(self, views, key_lengths) -> None:
         """ValueError naming the first argument of another description than the plan's."""
         names = ("q", "k", "v")
-        given = plan_key(*views, key_lengths, *(self._options[n] for n in (
-            "softmax_scale", "return_lse", "transport", "qkv_format")))
+        given = self._key_of(views, key_lengths)
         for name, want, got in zip(names, self._key[:3], given[:3]):
             if want != got:
                 what = "" if name == "q" else " (but its number of keys and strides)"
