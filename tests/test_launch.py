@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import pytest
 
@@ -329,26 +330,49 @@ class _Job:
         with open(script, "w") as out:
             out.write(RANK_SCRIPT)
         self.folder = folder
+        self.pids: list[int] = []
+        self.said = ""  # the launcher's stderr, once it has ended
+        command = [sys.executable, "-m", "seqpar", "run", "-n", "2", script, folder,
+                   "stubborn" if stubborn else "plain"]
+        # these tests are about ending a job; a launch that failed before its ranks ran
+        # (once in a CI run: mpiexec on an oversubscribed machine) is started once more,
+        # with a warning that carries what the launcher said
+        for attempt in range(2):
+            if self._start(command):
+                return
+            if attempt == 0 and self.launcher.returncode not in (None, -signal.SIGKILL):
+                warnings.warn(f"seqpar run ended (status {self.launcher.returncode}) before "
+                              f"its ranks started; starting it again. It said: {self.said}")
+                continue
+            break
+        pytest.fail(f"the job did not start (launcher status {self.launcher.returncode}): "
+                    f"{self.said}")
+
+    def _start(self, command: list[str]) -> bool:
+        """Start the launcher; True once both ranks wrote their pids, else (the launcher
+        ended, or STARTUP_S passed) False with everything it started killed."""
+        for name in glob.glob(os.path.join(self.folder, "*.pids")):
+            os.remove(name)
         self.launcher = subprocess.Popen(
-            [sys.executable, "-m", "seqpar", "run", "-n", "2", script, folder,
-             "stubborn" if stubborn else "plain"],
-            cwd=REPO, env=_job_environment(), stdout=subprocess.DEVNULL,
+            command, cwd=REPO, env=_job_environment(), stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True,
             # a Python started by pytest has SIGINT as Python's handler, which exec
             # resets; a pytest started in the background by a shell may ignore it
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        self.pids: list[int] = []
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline and self.launcher.poll() is None:
-            files = glob.glob(os.path.join(folder, "*.pids"))
+            files = glob.glob(os.path.join(self.folder, "*.pids"))
             if len(files) == 2:
                 for name in files:
                     with open(name) as pids:
                         self.pids += [int(pid) for pid in pids.read().split()]
-                return
+                return True
             time.sleep(0.05)
+        for name in glob.glob(os.path.join(self.folder, "*.pids")):  # a rank that did start
+            with open(name) as pids:
+                self.pids += [int(pid) for pid in pids.read().split()]
         self.close()
-        pytest.fail(f"the job did not start: {self.launcher.stderr.read()}")
+        return False
 
     def wait_gone(self, timeout: float) -> list[int]:
         """The job's processes still alive after waiting up to ``timeout`` s for them."""
@@ -373,7 +397,9 @@ class _Job:
             except OSError:
                 pass
         self.launcher.wait()
-        self.launcher.stderr.close()
+        if not self.launcher.stderr.closed:
+            self.said = self.launcher.stderr.read()
+            self.launcher.stderr.close()
 
 
 @pytest.fixture
