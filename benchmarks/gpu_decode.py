@@ -153,7 +153,7 @@ def main():
         data = inputs(1, queries, 65536, 4)
         turn = [0]
 
-        def pick():
+        def pick_set():
             turn[0] = (turn[0] + 1) % 4
             return data[turn[0]]
 
@@ -161,7 +161,7 @@ def main():
         for kernel in ("decode", "mma"):
             os.environ["SEQPAR_KERNEL"] = kernel
             try:
-                entry[kernel] = timed(lambda: seqpar.attention(*pick()), args.repeats)
+                entry[kernel] = timed(lambda: seqpar.attention(*pick_set()), args.repeats)
             except ValueError as exc:
                 entry[kernel] = None
                 entry[f"{kernel}_error"] = str(exc)
