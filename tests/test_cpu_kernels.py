@@ -46,6 +46,73 @@ def test_several_tiles_against_float64(rng, dtype, causal, sq, sk, d):
     check_attention(out, q, k, v, causal=causal, lse=lse)
 
 
+def _count_tile_kernel_calls(monkeypatch, cpu_kernel) -> list[int]:
+    """A list that grows by one per call of the compiled tile kernel (numba runs)."""
+    calls: list[int] = []
+    if cpu_kernel == "numba":
+        from seqpar.local import numba_kernel
+
+        kernel = numba_kernel.attend_keys
+
+        def counted(*args):
+            calls.append(1)
+            return kernel(*args)
+
+        monkeypatch.setattr(numba_kernel, "attend_keys", counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
+@pytest.mark.parametrize("window", [None, (0, None), (150, 20), (1, 0)],
+                         ids=["full", "causal", "window", "two-keys"])
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_tile_kernel_masks_against_float64(rng, cpu_kernel, monkeypatch, dtype, window, d):
+    """The compiled tile kernel (d a multiple of 32): rows of GQA groups of 3 that do
+    not fill its 8-row blocks, key tiles that end mid-block, rows of one block that see
+    different key columns (a window: some see none of a tile), against float64."""
+    sq, sk = 203, 1100
+    q, k, v = random_qkv(rng, dtype, b=2, sq=sq, sk=sk, hq=6, hk=2, d=d)
+    q *= 2
+    calls = _count_tile_kernel_calls(monkeypatch, cpu_kernel)
+    mask = None if window is None else seqpar.masks.Mask.build(True, window)
+    out, lse = numpy_kernel.forward(q, k, v, scale=d ** -0.5, mask=mask, q_offset=sk - sq)
+    visible = None if mask is None else mask.visible_pairs(np.arange(sk - sq, sk),
+                                                           np.arange(sk))
+    ref, ref_lse = reference_attention(q, k, v, softmax_scale=d ** -0.5, visible=visible)
+    assert relative_error(out, ref) <= TOL[dtype]
+    assert relative_error(lse, ref_lse) <= TOL["float64" if dtype == "float64" else "float32"]
+    assert bool(calls) == (cpu_kernel == "numba")
+
+
+def test_tile_kernel_nan_key_propagates(rng, cpu_kernel):
+    """A NaN key in one key tile: that tile runs the NumPy passes, which make NaN the
+    rows that see it; other heads keep the tile kernel's result."""
+    q, k, v = random_qkv(rng, "float32", b=1, sq=1500, sk=1500, hq=2, hk=2, d=64)
+    k[0, 1200, 1, 7] = np.nan
+    out = seqpar.attention(q, k, v, causal=True)
+    rows_seeing_it = np.arange(1500) >= 1200
+    assert np.isnan(out[0, rows_seeing_it, 1]).all()
+    assert not np.isnan(out[0, ~rows_seeing_it, 1]).any() and not np.isnan(out[0, :, 0]).any()
+    check_attention(out[:, :, :1], q[:, :, :1], k[:, :, :1], v[:, :, :1], causal=True)
+
+
+def test_tile_kernel_same_bytes_any_thread_count(rng, cpu_kernel, monkeypatch):
+    """No BLAS in the tile kernel: one thread and the pool give the same bytes, twice."""
+    if cpu_kernel != "numba":
+        pytest.skip("the tile kernel's property")
+    q, k, v = random_qkv(rng, "float32", b=1, sq=1200, sk=1200, hq=4, hk=2, d=64)
+    first = seqpar.attention(q, k, v, causal=True, return_lse=True)
+    try:
+        monkeypatch.setenv("SEQPAR_NUM_THREADS", "1")
+        numpy_kernel._threads.cache_clear()
+        for _ in range(2):
+            again = seqpar.attention(q, k, v, causal=True, return_lse=True)
+            assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    finally:
+        monkeypatch.delenv("SEQPAR_NUM_THREADS")
+        numpy_kernel._threads.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("layout", ["C", "F", "transposed", "readonly"])
 def test_layouts_read_in_place(rng, dtype, layout):

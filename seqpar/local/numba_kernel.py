@@ -35,20 +35,27 @@ from .numba_simd import (
     fold2,
     fold4,
     fold8,
+    lanes,
     prefetch,
     vfma,
     vload,
     vsplat,
     vstore,
     vzero,
+    vzero_like,
 )
 
-__all__ = ["DECODE_CHUNK", "DECODE_HEADS_COLUMNS", "decode", "decode_heads", "not_finite",
-           "probabilities", "softmax_grad", "softmax_step"]
+__all__ = ["DECODE_CHUNK", "DECODE_HEADS_COLUMNS", "FUSED_COLUMNS", "FUSED_ROWS", "attend_keys",
+           "decode", "decode_heads", "not_finite", "probabilities", "softmax_grad",
+           "softmax_step"]
 
 # Keys per chunk of the decode kernel: a chunk's scores (rows x chunk) stay in L1/L2
 # between the score, softmax and value passes, while K and V stream from memory once.
 DECODE_CHUNK = 512
+# attend_keys takes row tiles of a multiple of FUSED_ROWS rows and head dims of a multiple
+# of FUSED_COLUMNS (its register blocks: 8 rows x two vectors, 32 float32 or 16 float64)
+FUSED_ROWS = 8
+FUSED_COLUMNS = 2 * LANES
 # decode_heads takes float32 rows of a multiple of this many columns (two vectors)
 DECODE_HEADS_COLUMNS = 2 * LANES
 # decode_heads: floats of one column step of a reordered block of LANES keys, and how
@@ -120,6 +127,163 @@ def softmax_step(scores, row_max, row_sum, out, lo, hi, masked):
         orow = out[r]
         for c in range(orow.shape[0]):
             orow[c] *= alpha
+
+
+@njit(inline="always", **_JIT)
+def _score_rows(q, r0, kt, kt_row, j0, n, d, scores):
+    """``scores[0:8, 0:n] = q[r0:r0 + 8] @ kt[:, j0:j0 + n]`` (kt: d rows of ``kt_row``
+    keys, flat; n a multiple of two vectors): an 8 x 2-vector block of scores in 16
+    vector accumulators over the d column steps, each key vector loaded once for 8 rows."""
+    w = lanes(kt)
+    q0, q1, q2, q3 = q[r0], q[r0 + 1], q[r0 + 2], q[r0 + 3]
+    q4, q5, q6, q7 = q[r0 + 4], q[r0 + 5], q[r0 + 6], q[r0 + 7]
+    for j in range(0, n, 2 * w):
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = vzero_like(kt)
+        a40 = a41 = a50 = a51 = a60 = a61 = a70 = a71 = vzero_like(kt)
+        for c in range(d):
+            at = c * kt_row + j0 + j
+            x0, x1 = vload(kt, at), vload(kt, at + w)
+            s = vsplat(q0[c])
+            a00, a01 = vfma(s, x0, a00), vfma(s, x1, a01)
+            s = vsplat(q1[c])
+            a10, a11 = vfma(s, x0, a10), vfma(s, x1, a11)
+            s = vsplat(q2[c])
+            a20, a21 = vfma(s, x0, a20), vfma(s, x1, a21)
+            s = vsplat(q3[c])
+            a30, a31 = vfma(s, x0, a30), vfma(s, x1, a31)
+            s = vsplat(q4[c])
+            a40, a41 = vfma(s, x0, a40), vfma(s, x1, a41)
+            s = vsplat(q5[c])
+            a50, a51 = vfma(s, x0, a50), vfma(s, x1, a51)
+            s = vsplat(q6[c])
+            a60, a61 = vfma(s, x0, a60), vfma(s, x1, a61)
+            s = vsplat(q7[c])
+            a70, a71 = vfma(s, x0, a70), vfma(s, x1, a71)
+        vstore(scores[0], j, a00)
+        vstore(scores[0], j + w, a01)
+        vstore(scores[1], j, a10)
+        vstore(scores[1], j + w, a11)
+        vstore(scores[2], j, a20)
+        vstore(scores[2], j + w, a21)
+        vstore(scores[3], j, a30)
+        vstore(scores[3], j + w, a31)
+        vstore(scores[4], j, a40)
+        vstore(scores[4], j + w, a41)
+        vstore(scores[5], j, a50)
+        vstore(scores[5], j + w, a51)
+        vstore(scores[6], j, a60)
+        vstore(scores[6], j + w, a61)
+        vstore(scores[7], j, a70)
+        vstore(scores[7], j + w, a71)
+
+
+@njit(inline="always", **_JIT)
+def _add_rows(p, vf, j0, n, out, r0, d):
+    """``out[r0:r0 + 8] += p[0:8, 0:n] @ V[j0:j0 + n]`` (vf: rows of d values, flat),
+    columns two vectors at a time, that 8 x 2-vector block of out kept in registers over
+    the n keys."""
+    w = lanes(vf)
+    p0, p1, p2, p3, p4, p5, p6, p7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    w0, w1, w2, w3 = out[r0], out[r0 + 1], out[r0 + 2], out[r0 + 3]
+    w4, w5, w6, w7 = out[r0 + 4], out[r0 + 5], out[r0 + 6], out[r0 + 7]
+    for c in range(0, d, 2 * w):
+        o00, o01 = vload(w0, c), vload(w0, c + w)
+        o10, o11 = vload(w1, c), vload(w1, c + w)
+        o20, o21 = vload(w2, c), vload(w2, c + w)
+        o30, o31 = vload(w3, c), vload(w3, c + w)
+        o40, o41 = vload(w4, c), vload(w4, c + w)
+        o50, o51 = vload(w5, c), vload(w5, c + w)
+        o60, o61 = vload(w6, c), vload(w6, c + w)
+        o70, o71 = vload(w7, c), vload(w7, c + w)
+        for j in range(n):
+            at = (j0 + j) * d + c
+            x0, x1 = vload(vf, at), vload(vf, at + w)
+            s = vsplat(p0[j])
+            o00, o01 = vfma(s, x0, o00), vfma(s, x1, o01)
+            s = vsplat(p1[j])
+            o10, o11 = vfma(s, x0, o10), vfma(s, x1, o11)
+            s = vsplat(p2[j])
+            o20, o21 = vfma(s, x0, o20), vfma(s, x1, o21)
+            s = vsplat(p3[j])
+            o30, o31 = vfma(s, x0, o30), vfma(s, x1, o31)
+            s = vsplat(p4[j])
+            o40, o41 = vfma(s, x0, o40), vfma(s, x1, o41)
+            s = vsplat(p5[j])
+            o50, o51 = vfma(s, x0, o50), vfma(s, x1, o51)
+            s = vsplat(p6[j])
+            o60, o61 = vfma(s, x0, o60), vfma(s, x1, o61)
+            s = vsplat(p7[j])
+            o70, o71 = vfma(s, x0, o70), vfma(s, x1, o71)
+        vstore(w0, c, o00)
+        vstore(w0, c + w, o01)
+        vstore(w1, c, o10)
+        vstore(w1, c + w, o11)
+        vstore(w2, c, o20)
+        vstore(w2, c + w, o21)
+        vstore(w3, c, o30)
+        vstore(w3, c + w, o31)
+        vstore(w4, c, o40)
+        vstore(w4, c + w, o41)
+        vstore(w5, c, o50)
+        vstore(w5, c + w, o51)
+        vstore(w6, c, o60)
+        vstore(w6, c + w, o61)
+        vstore(w7, c, o70)
+        vstore(w7, c + w, o71)
+
+
+@njit(**_JIT)
+def attend_keys(q, kt, vf, keys, lo, hi, masked, row_max, row_sum, out, scores):
+    """One key tile into the running softmax of a row tile, both products included
+    (float32 or float64, all arrays of one dtype; no BLAS, no score tile in memory: 8
+    rows at a time in L1).
+
+    Parameters
+    ----------
+    q : ndarray, (rows, d), C order
+        Scaled queries; rows a multiple of ``FUSED_ROWS``, d of ``FUSED_COLUMNS``.
+    kt : ndarray, (d * width,)
+        The tile's keys transposed: column c of key j at ``kt[c * width + j]``, width
+        a multiple of ``FUSED_COLUMNS`` and at least ``keys``.
+    vf : ndarray, (width * d,)
+        The tile's values, row j at ``vf[j * d:][:d]``; rows from ``keys`` on are 0.
+    keys : int
+        Keys in the tile.
+    lo, hi : ndarray of int64, (rows,)
+        Visible keys [lo, hi] of each row (tile-local); read only when ``masked``.
+    masked : bool
+    row_max, row_sum, out : ndarray
+        The running state of :func:`softmax_step`, updated.
+    scores : ndarray, (FUSED_ROWS, width), C order
+        Scratch.
+
+    Each block of 8 rows takes the 32-key columns that any of its rows sees (a causal
+    diagonal tile costs about half a full one), scores them, runs the online-softmax
+    step row by row and adds its values.
+    """
+    prefer_wide_vectors()
+    rows, d = q.shape
+    width = kt.shape[0] // d
+    step = 2 * lanes(kt)
+    for r0 in range(0, rows, FUSED_ROWS):
+        first, last = keys, 0  # the block's visible columns [first, last)
+        for i in range(FUSED_ROWS):
+            a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
+            if b > a:
+                first, last = min(first, a), max(last, b)
+        if last <= first:  # no row of the block sees a key here: nothing changes
+            continue
+        j0 = (first // step) * step
+        n = min(width - j0, -(-(last - j0) // step) * step)
+        _score_rows(q, r0, kt, width, j0, n, d, scores)
+        for i in range(FUSED_ROWS):
+            a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
+            a, b = min(max(a - j0, 0), n), min(max(b - j0, 0), n)
+            alpha = _row_update(scores[i, :n], a, max(a, b), r0 + i, row_max, row_sum)
+            orow = out[r0 + i]
+            for c in range(d):
+                orow[c] *= alpha
+        _add_rows(scores, vf, j0, n, out, r0, d)
 
 
 @njit(**_JIT)

@@ -1,17 +1,18 @@
-"""Explicit 16-lane float32 vectors for the numba kernels, written as LLVM IR.
+"""Explicit 512-bit vectors (16 float32 or 8 float64 lanes) for the numba kernels, written
+as LLVM IR.
 
 LLVM vectorises a numba loop along its innermost axis; the decode kernel's score pass
 needs it along keys instead (a dot product per key ends otherwise in a horizontal
 reduction per key: benchmarks/cpu_decode.md). These intrinsics give a numba function
-values of one LLVM ``<16 x float>`` type, which LLVM keeps in registers (one zmm with
-AVX-512, two ymm with AVX2, four q registers on Arm), and the few operations the kernel
-needs: unaligned loads and stores at an index of a 1-D float32 array with unit stride,
-a broadcast, a fused multiply-add, the shuffle-and-add steps that reduce 16 vectors to
-one vector of 16 sums, and a prefetch hint.
+values of the LLVM types ``<16 x float>`` and ``<8 x double>``, which LLVM keeps in
+registers (one zmm with AVX-512, two ymm with AVX2, four q registers on Arm), and the
+few operations the kernels need: unaligned loads and stores at an index of a 1-D array
+with unit stride, a broadcast, a fused multiply-add, the shuffle-and-add steps that
+reduce 16 float32 vectors to one vector of 16 sums, and a prefetch hint.
 
 Every operation has one rounding and a fixed order (no fast-math flags), so results
 are the same bytes run to run. The loads and stores do no bounds checks: callers keep
-``index + 16`` within the array. Importing this module needs numba.
+``index + lanes`` within the array. Importing this module needs numba.
 """
 from __future__ import annotations
 
@@ -20,33 +21,57 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "fold1", "fold2", "fold4", "fold8", "prefetch", "vfma", "vload",
-           "vsplat", "vstore", "vzero"]
+__all__ = ["LANES", "fold1", "fold2", "fold4", "fold8", "lanes", "prefetch", "vfma", "vload",
+           "vsplat", "vstore", "vzero", "vzero_like"]
 
-LANES = 16
+LANES = 16  # float32 lanes; float64 vectors have 8, of the same 512 bits
 _FLOAT = ir.FloatType()
 _VECTOR = ir.VectorType(_FLOAT, LANES)
 _I32 = ir.IntType(32)
 
 
-class Float32x16(types.Type):
-    """The numba type of a ``<16 x float>`` value."""
+class _Vector(types.Type):
+    """The numba type of a 512-bit vector value: ``<16 x float>`` or ``<8 x double>``."""
 
-    def __init__(self):
-        super().__init__(name="Float32x16")
+    def __init__(self, dtype: types.Float):
+        self.dtype = dtype
+        self.lanes = 64 // (dtype.bitwidth // 8)
+        super().__init__(name=f"{dtype}x{self.lanes}")
+
+    def llvm(self) -> ir.VectorType:
+        element = ir.FloatType() if self.dtype == types.float32 else ir.DoubleType()
+        return ir.VectorType(element, self.lanes)
 
 
-float32x16 = Float32x16()
+float32x16 = _Vector(types.float32)
+float64x8 = _Vector(types.float64)
+_VECTORS = {types.float32: float32x16, types.float64: float64x8}
 
 
-@register_model(Float32x16)
-class _Float32x16Model(models.PrimitiveModel):
+@intrinsic
+def lanes(typingctx, arr):
+    """The lanes of the vectors loaded from 1-D array ``arr`` (16 or 8): a constant."""
+    vector = _vector_of(arr)
+    if vector is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.intp, vector.lanes)
+
+    return types.intp(arr), codegen
+
+
+@register_model(_Vector)
+class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _VECTOR)
+        super().__init__(dmm, fe_type, fe_type.llvm())
 
 
-def _is_float32_vector_source(arr):
-    return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
+def _vector_of(arr):
+    """The vector type loaded from a 1-D float32 or float64 array, else None."""
+    if isinstance(arr, types.Array) and arr.ndim == 1:
+        return _VECTORS.get(arr.dtype)
+    return None
 
 
 def _element_pointer(context, builder, arrty, arr, indexty, index):
@@ -56,27 +81,32 @@ def _element_pointer(context, builder, arrty, arr, indexty, index):
 
 @intrinsic
 def vload(typingctx, arr, index):
-    """``arr[index:index + 16]`` of a 1-D float32 array with unit stride, as a vector."""
-    if not _is_float32_vector_source(arr) or not isinstance(index, types.Integer):
+    """``arr[index:index + lanes]`` of a 1-D float32 (16 lanes) or float64 (8 lanes)
+    array with unit stride, as a vector."""
+    vector = _vector_of(arr)
+    if vector is None or not isinstance(index, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        return builder.load(builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+        return builder.load(builder.bitcast(pointer, vector.llvm().as_pointer()),
+                            align=vector.dtype.bitwidth // 8)
 
-    return float32x16(arr, index), codegen
+    return vector(arr, index), codegen
 
 
 @intrinsic
 def vstore(typingctx, arr, index, value):
-    """``arr[index:index + 16] = value`` (1-D float32, unit stride, writable)."""
-    if (not _is_float32_vector_source(arr) or not isinstance(index, types.Integer)
-            or value != float32x16):
+    """``arr[index:index + lanes] = value`` (1-D, unit stride, writable, of the vector's
+    element type)."""
+    vector = _vector_of(arr)
+    if vector is None or not isinstance(index, types.Integer) or value != vector:
         return None
 
     def codegen(context, builder, sig, args):
         pointer = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], builder.bitcast(pointer, _VECTOR.as_pointer()), align=4)
+        builder.store(args[2], builder.bitcast(pointer, vector.llvm().as_pointer()),
+                      align=vector.dtype.bitwidth // 8)
         return context.get_dummy_value()
 
     return types.none(arr, index, value), codegen
@@ -84,22 +114,26 @@ def vstore(typingctx, arr, index, value):
 
 @intrinsic
 def vsplat(typingctx, x):
-    """A vector of 16 copies of float32 ``x``."""
-    if not isinstance(x, types.Float):
+    """A vector of copies of ``x``: 16 of a float32, 8 of a float64 (another number
+    is taken as float32)."""
+    if not isinstance(x, (types.Float, types.Integer)):
         return None
+    vector = float64x8 if x == types.float64 else float32x16
 
     def codegen(context, builder, sig, args):
-        x = context.cast(builder, args[0], sig.args[0], types.float32)
-        one = builder.insert_element(ir.Constant(_VECTOR, ir.Undefined), x, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(one, ir.Constant(_VECTOR, ir.Undefined),
-                                      ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        x = context.cast(builder, args[0], sig.args[0], vector.dtype)
+        llvm = vector.llvm()
+        one = builder.insert_element(ir.Constant(llvm, ir.Undefined), x, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(one, ir.Constant(llvm, ir.Undefined),
+                                      ir.Constant(ir.VectorType(_I32, vector.lanes),
+                                                  [0] * vector.lanes))
 
-    return float32x16(x), codegen
+    return vector(x), codegen
 
 
 @intrinsic
 def vzero(typingctx):
-    """A vector of zeros."""
+    """A float32 vector of zeros."""
     def codegen(context, builder, sig, args):
         return ir.Constant(_VECTOR, [0.0] * LANES)
 
@@ -107,17 +141,32 @@ def vzero(typingctx):
 
 
 @intrinsic
-def vfma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane, rounded once (``llvm.fma``)."""
-    if not a == b == c == float32x16:
+def vzero_like(typingctx, arr):
+    """A vector of zeros of the vectors loaded from 1-D array ``arr``."""
+    vector = _vector_of(arr)
+    if vector is None:
         return None
 
     def codegen(context, builder, sig, args):
+        return ir.Constant(vector.llvm(), [0.0] * vector.lanes)
+
+    return vector(arr), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane, rounded once (``llvm.fma``)."""
+    if not (a == b == c and isinstance(a, _Vector)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        llvm = a.llvm()
+        name = f"llvm.fma.v{a.lanes}f{a.dtype.bitwidth}"
         function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VECTOR, [_VECTOR] * 3), "llvm.fma.v16f32")
+            builder.module, ir.FunctionType(llvm, [llvm] * 3), name)
         return builder.call(function, args)
 
-    return float32x16(a, b, c), codegen
+    return a(a, b, c), codegen
 
 
 def _fold(half):

@@ -139,20 +139,29 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     acc = accumulation_dtype(q.dtype)
     n_rows, d = (p1 - p0) * group, q.shape[3]
     j_begin, j_end, lo, hi = visible_key_range(mask, q_offset, k_offset, p0, p1, sk)
-    # rows ordered (position, head in group): row r is at position p0 + r // group
-    q_tile = np.multiply(q[b, p0:p1, heads, :], scale, dtype=acc).reshape(n_rows, d)
-    if lo is not None:
-        lo, hi = np.repeat(lo, group), np.repeat(hi, group)
-    o_tile = np.zeros((n_rows, d), dtype=acc)
-    row_max = np.full(n_rows, -np.inf, dtype=acc)
-    row_sum = np.zeros(n_rows, dtype=acc)
     fused = compiled()
-    if fused is not None and not np.isfinite(q_tile).all():
-        fused = None  # the compiled kernels assume no NaN: the NumPy passes propagate it
     # few rows (decoding): one pass of the compiled kernel reads each key and value row
     # once for all rows, where BLAS would run two thin products; it gives up on a NaN
     # or inf score, and the NumPy passes start again
     decoding = fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
+    # else, for a head dim it takes: the compiled tile kernel, products included, on
+    # rows padded to its row blocks (the padding is cut off at the end)
+    tiled = fused is not None and not decoding and d % fused.FUSED_COLUMNS == 0
+    rows = n_rows + (-n_rows % fused.FUSED_ROWS if tiled else 0)
+    # rows ordered (position, head in group): row r is at position p0 + r // group
+    q_tile = np.zeros((rows, d), dtype=acc)
+    np.multiply(q[b, p0:p1, heads, :], scale, dtype=acc,
+                out=q_tile[:n_rows].reshape(p1 - p0, group, d))
+    if lo is not None:
+        lo, hi = np.repeat(lo, group), np.repeat(hi, group)
+        lo, hi = np.pad(lo, (0, rows - n_rows), mode="edge"), np.pad(hi, (0, rows - n_rows),
+                                                                     mode="edge")
+    o_tile = np.zeros((rows, d), dtype=acc)
+    row_max = np.full(rows, -np.inf, dtype=acc)
+    row_sum = np.zeros(rows, dtype=acc)
+    if fused is not None and not np.isfinite(q_tile).all():
+        # the compiled kernels assume no NaN: the NumPy passes propagate it
+        fused, decoding, tiled = None, False, False
     decoded = decoding and _decode(fused, q_tile, k[b, j_begin:max(j_end, j_begin), h, :],
                                    v[b, j_begin:max(j_end, j_begin), h, :], lo, hi, j_begin,
                                    o_tile, row_max, row_sum)
@@ -161,7 +170,8 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
             o_tile[...], row_max[...], row_sum[...] = 0, -np.inf, 0
             fused = None
         _online_softmax(q_tile, k[b, :, h, :], v[b, :, h, :], lo, hi, j_begin, j_end, acc,
-                        o_tile, row_max, row_sum, fused)
+                        o_tile, row_max, row_sum, fused, tiled)
+    o_tile, row_max, row_sum = o_tile[:n_rows], row_max[:n_rows], row_sum[:n_rows]
     _write_rows(out, lse, b, h, p0, p1, o_tile, row_max, row_sum, accumulate)
 
 
@@ -194,12 +204,13 @@ def _write_rows(out, lse, b, h, p0, p1, o_tile, row_max, row_sum, accumulate):
 
 
 def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, row_sum,
-                    fused):
+                    fused, tiled=False):
     """Keys [j_begin, j_end) of k, v (2-D, one head) into the running (o_tile, row_max,
-    row_sum), one key tile at a time: two BLAS products per tile and, between them, the
-    online-softmax step, compiled (``fused``, :mod:`seqpar.local.numba_kernel`) or as
-    NumPy passes."""
-    n_rows = q_tile.shape[0]
+    row_sum), one key tile at a time: by the compiled tile kernel where ``tiled``
+    (:func:`seqpar.local.numba_kernel.attend_keys`), else two BLAS products per tile and,
+    between them, the online-softmax step, compiled (``fused``,
+    :mod:`seqpar.local.numba_kernel`) or as NumPy passes."""
+    n_rows, d = q_tile.shape
     # few rows (decoding): longer key tiles keep a score tile's size and cut the
     # per-tile overhead, which would otherwise dominate a memory-bound pass
     tile_keys = max(_TILE_KEYS, (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
@@ -207,10 +218,19 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
     # job: a fresh 2 MiB array per tile costs its page faults every time
     score_buffer = np.empty(n_rows * min(tile_keys, max(j_end - j_begin, 0)), dtype=acc)
     pv = np.empty_like(o_tile)
+    if tiled:
+        packed = _PackedKeys(fused, min(tile_keys, max(j_end - j_begin, 0)), d, acc)
     for j0 in range(j_begin, j_end, tile_keys):
         j1 = min(j0 + tile_keys, j_end)
         kind = _tile_kind(lo, hi, j0, j1)
         if kind == HIDDEN:
+            continue
+        if tiled and packed.load(k[j0:j1], v[j0:j1]):
+            masked = kind != FULL
+            fused.attend_keys(q_tile, packed.kt, packed.vf, j1 - j0,
+                              lo - j0 if masked else _NO_BOUNDS,
+                              hi - j0 if masked else _NO_BOUNDS, masked,
+                              row_max, row_sum, o_tile, packed.scores)
             continue
         k_tile = _as(k[j0:j1], acc)
         scores = np.matmul(q_tile, k_tile.T,
@@ -226,6 +246,36 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         else:
             _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind)
         o_tile += np.matmul(scores, _as(v[j0:j1], acc), out=pv)
+
+
+class _PackedKeys:
+    """A job's buffers for the compiled tile kernel's copy of one key tile: keys
+    transposed (``kt``: column c of key j at ``c * width + j``) and values in rows
+    (``vf``), zero beyond the tile's keys up to a width that is a
+    multiple of the kernel's column blocks; and its (8, width) score scratch, all of the
+    accumulation dtype."""
+
+    def __init__(self, fused, keys: int, d: int, dtype):
+        self.fused = fused
+        width = -(-keys // fused.FUSED_COLUMNS) * fused.FUSED_COLUMNS
+        self.kt_buffer = np.zeros(d * width, dtype=dtype)
+        self.vf_buffer = np.zeros(width * d, dtype=dtype)
+        self.scores = np.empty((fused.FUSED_ROWS, width), dtype=dtype)
+
+    def load(self, k_tile, v_tile) -> bool:
+        """Copy (and cast) the (keys, d) tiles in; False, when a key is NaN or inf (the
+        NumPy passes then make NaN the rows that see it)."""
+        keys, d = k_tile.shape
+        width = -(-keys // self.fused.FUSED_COLUMNS) * self.fused.FUSED_COLUMNS
+        self.kt = self.kt_buffer[:d * width]
+        self.vf = self.vf_buffer[:width * d]
+        kt, vf = self.kt.reshape(d, width), self.vf.reshape(width, d)
+        kt[:, :keys] = k_tile.T
+        vf[:keys] = v_tile
+        if width > keys:
+            kt[:, keys:] = 0
+            vf[keys:] = 0
+        return not self.fused.not_finite(self.kt)
 
 
 def _softmax_passes(scores, row_max, row_sum, o_tile, lo, hi, j0, j1, kind):
