@@ -172,11 +172,13 @@ def test_reference_backward_matches_the_plain_float64_backward(rng):
 
 # ---------------------------------------------------------------- the kernel: main matrix
 
+# d = 32 (a multiple of 32) runs the compiled pair kernel, d = 16 or 8 the BLAS products
+@pytest.mark.parametrize("d", [16, 32])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("sq,sk,b", [(13, 13, 1), (7, 19, 2), (19, 8, 3)])
-def test_dtypes_groups_shapes(rng, tiny_tiles, dtype, group, sq, sk, b):
-    q, k, v = random_qkv(rng, dtype, b=b, sq=sq, sk=sk, hq=2 * group, hk=2, d=16)
+def test_dtypes_groups_shapes(rng, tiny_tiles, dtype, group, sq, sk, b, d):
+    q, k, v = random_qkv(rng, dtype, b=b, sq=sq, sk=sk, hq=2 * group, hk=2, d=d)
     dout = random_array(rng, q.shape, dtype)
     mask, visible = _mask_and_visible("causal", sq, sk, 4, 2)
     grads = _backward(dout, q, k, v, 0.3, mask, visible, q_offset=4, k_offset=2)
@@ -186,9 +188,10 @@ def test_dtypes_groups_shapes(rng, tiny_tiles, dtype, group, sq, sk, b):
 @pytest.mark.parametrize("mask_name", sorted(MASKS))
 @pytest.mark.parametrize("q_offset,k_offset", [(0, 0), (9, 3), (2, 11)])
 @pytest.mark.parametrize("group", [1, 4])
-def test_masks(rng, tiny_tiles, mask_name, q_offset, k_offset, group):
+@pytest.mark.parametrize("d", [8, 32])
+def test_masks(rng, tiny_tiles, mask_name, q_offset, k_offset, group, d):
     sq, sk = 23, 17
-    q, k, v = random_qkv(rng, "float64", b=2, sq=sq, sk=sk, hq=2 * group, hk=2, d=8)
+    q, k, v = random_qkv(rng, "float64", b=2, sq=sq, sk=sk, hq=2 * group, hk=2, d=d)
     dout = rng.standard_normal(q.shape)
     mask, visible = _mask_and_visible(mask_name, sq, sk, q_offset, k_offset)
     assert visible.any(), "nothing visible: the test would prove nothing"

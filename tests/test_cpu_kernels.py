@@ -63,10 +63,12 @@ def _count_tile_kernel_calls(monkeypatch, cpu_kernel) -> list[int]:
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
-@pytest.mark.parametrize("window", [None, (0, None), (150, 20), (1, 0)],
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (True, (150, 20)),
+                                            (True, (1, 0))],
                          ids=["full", "causal", "window", "two-keys"])
 @pytest.mark.parametrize("d", [32, 64, 128])
-def test_tile_kernel_masks_against_float64(rng, cpu_kernel, monkeypatch, dtype, window, d):
+def test_tile_kernel_masks_against_float64(rng, cpu_kernel, monkeypatch, dtype, causal, window,
+                                           d):
     """The compiled tile kernel (d a multiple of 32): rows of GQA groups of 3 that do
     not fill its 8-row blocks, key tiles that end mid-block, rows of one block that see
     different key columns (a window: some see none of a tile), against float64."""
@@ -74,7 +76,7 @@ def test_tile_kernel_masks_against_float64(rng, cpu_kernel, monkeypatch, dtype, 
     q, k, v = random_qkv(rng, dtype, b=2, sq=sq, sk=sk, hq=6, hk=2, d=d)
     q *= 2
     calls = _count_tile_kernel_calls(monkeypatch, cpu_kernel)
-    mask = None if window is None else seqpar.masks.Mask.build(True, window)
+    mask = seqpar.masks.Mask.build(causal, window)
     out, lse = numpy_kernel.forward(q, k, v, scale=d ** -0.5, mask=mask, q_offset=sk - sq)
     visible = None if mask is None else mask.visible_pairs(np.arange(sk - sq, sk),
                                                            np.arange(sk))
@@ -82,6 +84,29 @@ def test_tile_kernel_masks_against_float64(rng, cpu_kernel, monkeypatch, dtype, 
     assert relative_error(out, ref) <= TOL[dtype]
     assert relative_error(lse, ref_lse) <= TOL["float64" if dtype == "float64" else "float32"]
     assert bool(calls) == (cpu_kernel == "numba")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (True, (150, 20))],
+                         ids=["full", "causal", "window"])
+def test_pair_kernel_backward_against_float64(rng, cpu_kernel, dtype, causal, window):
+    """The compiled backward pair kernel at the real tile sizes: GQA rows that do not
+    fill its row blocks, a key tile that ends mid-block, a window."""
+    from reference import reference_attention_backward
+
+    sq, sk, d = 203, 1100, 64
+    q, k, v = random_qkv(rng, dtype, b=1, sq=sq, sk=sk, hq=6, hk=2, d=d)
+    dout = random_qkv(rng, dtype, b=1, sq=sq, sk=1, hq=6, hk=1, d=d)[0]
+    mask = seqpar.masks.Mask.build(causal, window)
+    visible = None if mask is None else mask.visible_pairs(np.arange(sk - sq, sk),
+                                                           np.arange(sk))
+    out, lse = numpy_kernel.forward(q, k, v, scale=0.125, mask=mask, q_offset=sk - sq)
+    delta = numpy_kernel.backward_delta(dout, out)
+    grads = numpy_kernel.backward(dout, q, k, v, lse, delta, scale=0.125, mask=mask,
+                                  q_offset=sk - sq)
+    ref = reference_attention_backward(dout, q, k, v, softmax_scale=0.125, visible=visible)
+    for got, want in zip(grads, ref):
+        assert relative_error(got, want) <= TOL[dtype]
 
 
 def test_tile_kernel_nan_key_propagates(rng, cpu_kernel):

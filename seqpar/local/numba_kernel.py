@@ -1,20 +1,23 @@
-"""The compiled (numba) pieces of the CPU backend: what NumPy would do in several passes
-over a score tile, done in one.
+"""The compiled (numba) pieces of the CPU backend: what BLAS and NumPy would do in several
+passes over a score tile, done in one.
 
-The two products of a tile stay BLAS calls (:mod:`seqpar.local.numpy_kernel`); these
-kernels replace the passes between them. Each reads and writes a tile in place, rows
-one at a time (a row of scores stays in L1 between its max and its exponentials), and
-takes every row's visible keys as an interval ``[lo, hi]`` of tile columns, which is
-what every mask gives (:mod:`seqpar.masks`); columns outside it become 0.
+Each kernel takes every row's visible keys as an interval ``[lo, hi]`` of tile columns,
+which is what every mask gives (:mod:`seqpar.masks`); columns outside it become 0.
 
-- :func:`softmax_step`: the forward's online-softmax step (masked row max, running max,
-  exponentials in place, row sums, rescale of the output accumulator).
-- :func:`probabilities`, :func:`softmax_grad`: the backward's ``P = exp(S - lse)`` and
-  ``dS = P * (dP - delta)``.
+- :func:`attend_keys`: a key tile into the forward's running softmax, both products
+  included, 8 query rows at a time in explicit vectors (:mod:`seqpar.local.numba_simd`):
+  their scores stay in L1 between the products, and only the 32-key columns a block of
+  rows sees are computed (head dims a multiple of 32).
+- :func:`backward_keys`: one (row tile, key tile) pair of the backward the same way,
+  all five products included.
+- :func:`softmax_step`: the forward's online-softmax step between two BLAS products
+  (masked row max, running max, exponentials in place, row sums, rescale of the output
+  accumulator), row by row (a row of scores stays in L1 between its max and its
+  exponentials); :func:`probabilities`, :func:`softmax_grad`: the backward's
+  ``P = exp(S - lse)`` and ``dS = P * (dP - delta)``. These serve the other head dims.
 - :func:`decode_heads`: attention of a few rows per K/V head over a run of keys without
   BLAS, for every K/V head at once (each cache line of the (keys, heads, d) cache read
-  once), in explicit 16-lane vectors (:mod:`seqpar.local.numba_simd`): float32, d a
-  multiple of 32 (decoding).
+  once), in explicit 16-lane vectors: float32, d a multiple of 32 (decoding).
 - :func:`decode`: the same for one K/V head in plain loops, any float dtype and d (the
   score dot products end in horizontal reductions: slower).
 
@@ -37,6 +40,7 @@ from .numba_simd import (
     fold8,
     lanes,
     prefetch,
+    vadd,
     vfma,
     vload,
     vsplat,
@@ -46,7 +50,7 @@ from .numba_simd import (
 )
 
 __all__ = ["DECODE_CHUNK", "DECODE_HEADS_COLUMNS", "FUSED_COLUMNS", "FUSED_ROWS", "attend_keys",
-           "decode", "decode_heads", "not_finite", "probabilities", "softmax_grad",
+           "backward_keys", "decode", "decode_heads", "not_finite", "probabilities", "softmax_grad",
            "softmax_step"]
 
 # Keys per chunk of the decode kernel: a chunk's scores (rows x chunk) stay in L1/L2
@@ -130,6 +134,21 @@ def softmax_step(scores, row_max, row_sum, out, lo, hi, masked):
 
 
 @njit(inline="always", **_JIT)
+def _block_columns(lo, hi, r0, keys, masked, width, step):
+    """(j0, n): the columns [j0, j0 + n) of whole register blocks of ``step`` keys that
+    hold every key one of rows r0 .. r0 + 7 sees (n = 0: none sees any)."""
+    first, last = keys, 0
+    for i in range(FUSED_ROWS):
+        a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
+        if b > a:
+            first, last = min(first, a), max(last, b)
+    if last <= first:
+        return 0, 0
+    j0 = (first // step) * step
+    return j0, min(width - j0, -(-(last - j0) // step) * step)
+
+
+@njit(inline="always", **_JIT)
 def _score_rows(q, r0, kt, kt_row, j0, n, d, scores):
     """``scores[0:8, 0:n] = q[r0:r0 + 8] @ kt[:, j0:j0 + n]`` (kt: d rows of ``kt_row``
     keys, flat; n a multiple of two vectors): an 8 x 2-vector block of scores in 16
@@ -180,21 +199,23 @@ def _score_rows(q, r0, kt, kt_row, j0, n, d, scores):
 @njit(inline="always", **_JIT)
 def _add_rows(p, vf, j0, n, out, r0, d):
     """``out[r0:r0 + 8] += p[0:8, 0:n] @ V[j0:j0 + n]`` (vf: rows of d values, flat),
-    columns two vectors at a time, that 8 x 2-vector block of out kept in registers over
-    the n keys."""
+    columns two vectors at a time, that 8 x 2-vector block of the product summed in
+    registers over the n keys, then added to out (summed from zero, as a BLAS product
+    would be: a running sum over every tile's keys in one chain has ~3x the rounding
+    error at 4k keys)."""
     w = lanes(vf)
     p0, p1, p2, p3, p4, p5, p6, p7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
     w0, w1, w2, w3 = out[r0], out[r0 + 1], out[r0 + 2], out[r0 + 3]
     w4, w5, w6, w7 = out[r0 + 4], out[r0 + 5], out[r0 + 6], out[r0 + 7]
     for c in range(0, d, 2 * w):
-        o00, o01 = vload(w0, c), vload(w0, c + w)
-        o10, o11 = vload(w1, c), vload(w1, c + w)
-        o20, o21 = vload(w2, c), vload(w2, c + w)
-        o30, o31 = vload(w3, c), vload(w3, c + w)
-        o40, o41 = vload(w4, c), vload(w4, c + w)
-        o50, o51 = vload(w5, c), vload(w5, c + w)
-        o60, o61 = vload(w6, c), vload(w6, c + w)
-        o70, o71 = vload(w7, c), vload(w7, c + w)
+        o00 = o01 = vzero_like(vf)
+        o10 = o11 = vzero_like(vf)
+        o20 = o21 = vzero_like(vf)
+        o30 = o31 = vzero_like(vf)
+        o40 = o41 = vzero_like(vf)
+        o50 = o51 = vzero_like(vf)
+        o60 = o61 = vzero_like(vf)
+        o70 = o71 = vzero_like(vf)
         for j in range(n):
             at = (j0 + j) * d + c
             x0, x1 = vload(vf, at), vload(vf, at + w)
@@ -214,22 +235,22 @@ def _add_rows(p, vf, j0, n, out, r0, d):
             o60, o61 = vfma(s, x0, o60), vfma(s, x1, o61)
             s = vsplat(p7[j])
             o70, o71 = vfma(s, x0, o70), vfma(s, x1, o71)
-        vstore(w0, c, o00)
-        vstore(w0, c + w, o01)
-        vstore(w1, c, o10)
-        vstore(w1, c + w, o11)
-        vstore(w2, c, o20)
-        vstore(w2, c + w, o21)
-        vstore(w3, c, o30)
-        vstore(w3, c + w, o31)
-        vstore(w4, c, o40)
-        vstore(w4, c + w, o41)
-        vstore(w5, c, o50)
-        vstore(w5, c + w, o51)
-        vstore(w6, c, o60)
-        vstore(w6, c + w, o61)
-        vstore(w7, c, o70)
-        vstore(w7, c + w, o71)
+        vstore(w0, c, vadd(o00, vload(w0, c)))
+        vstore(w0, c + w, vadd(o01, vload(w0, c + w)))
+        vstore(w1, c, vadd(o10, vload(w1, c)))
+        vstore(w1, c + w, vadd(o11, vload(w1, c + w)))
+        vstore(w2, c, vadd(o20, vload(w2, c)))
+        vstore(w2, c + w, vadd(o21, vload(w2, c + w)))
+        vstore(w3, c, vadd(o30, vload(w3, c)))
+        vstore(w3, c + w, vadd(o31, vload(w3, c + w)))
+        vstore(w4, c, vadd(o40, vload(w4, c)))
+        vstore(w4, c + w, vadd(o41, vload(w4, c + w)))
+        vstore(w5, c, vadd(o50, vload(w5, c)))
+        vstore(w5, c + w, vadd(o51, vload(w5, c + w)))
+        vstore(w6, c, vadd(o60, vload(w6, c)))
+        vstore(w6, c + w, vadd(o61, vload(w6, c + w)))
+        vstore(w7, c, vadd(o70, vload(w7, c)))
+        vstore(w7, c + w, vadd(o71, vload(w7, c + w)))
 
 
 @njit(**_JIT)
@@ -264,17 +285,11 @@ def attend_keys(q, kt, vf, keys, lo, hi, masked, row_max, row_sum, out, scores):
     prefer_wide_vectors()
     rows, d = q.shape
     width = kt.shape[0] // d
-    step = 2 * lanes(kt)
+    step = 2 * lanes(kt)  # keys per register block
     for r0 in range(0, rows, FUSED_ROWS):
-        first, last = keys, 0  # the block's visible columns [first, last)
-        for i in range(FUSED_ROWS):
-            a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
-            if b > a:
-                first, last = min(first, a), max(last, b)
-        if last <= first:  # no row of the block sees a key here: nothing changes
+        j0, n = _block_columns(lo, hi, r0, keys, masked, width, step)
+        if n == 0:  # no row of the block sees a key here: nothing changes
             continue
-        j0 = (first // step) * step
-        n = min(width - j0, -(-(last - j0) // step) * step)
         _score_rows(q, r0, kt, width, j0, n, d, scores)
         for i in range(FUSED_ROWS):
             a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
@@ -284,6 +299,164 @@ def attend_keys(q, kt, vf, keys, lo, hi, masked, row_max, row_sum, out, scores):
             for c in range(d):
                 orow[c] *= alpha
         _add_rows(scores, vf, j0, n, out, r0, d)
+
+
+@njit(inline="always", **_JIT)
+def _add_key_rows(p, x, r0, grad, j0, n, d):
+    """``grad[j0:j0 + n] += p[0:8, 0:n].T @ x[r0:r0 + 8]`` (grad: rows of d, flat; n a
+    multiple of 4): the 8 x 2-vector block of x held in registers; four keys at a
+    time, so that eight chains of multiply-adds run side by side (one key's two
+    vectors alone would wait on the FMA latency)."""
+    w = lanes(grad)
+    p0, p1, p2, p3, p4, p5, p6, p7 = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    for c in range(0, d, 2 * w):
+        x00, x01 = vload(x[r0], c), vload(x[r0], c + w)
+        x10, x11 = vload(x[r0 + 1], c), vload(x[r0 + 1], c + w)
+        x20, x21 = vload(x[r0 + 2], c), vload(x[r0 + 2], c + w)
+        x30, x31 = vload(x[r0 + 3], c), vload(x[r0 + 3], c + w)
+        x40, x41 = vload(x[r0 + 4], c), vload(x[r0 + 4], c + w)
+        x50, x51 = vload(x[r0 + 5], c), vload(x[r0 + 5], c + w)
+        x60, x61 = vload(x[r0 + 6], c), vload(x[r0 + 6], c + w)
+        x70, x71 = vload(x[r0 + 7], c), vload(x[r0 + 7], c + w)
+        for j in range(0, n, 4):
+            at = (j0 + j) * d + c
+            g00, g01 = vload(grad, at), vload(grad, at + w)
+            g10, g11 = vload(grad, at + 1 * d), vload(grad, at + 1 * d + w)
+            g20, g21 = vload(grad, at + 2 * d), vload(grad, at + 2 * d + w)
+            g30, g31 = vload(grad, at + 3 * d), vload(grad, at + 3 * d + w)
+            s = vsplat(p0[j])
+            g00, g01 = vfma(s, x00, g00), vfma(s, x01, g01)
+            s = vsplat(p0[j + 1])
+            g10, g11 = vfma(s, x00, g10), vfma(s, x01, g11)
+            s = vsplat(p0[j + 2])
+            g20, g21 = vfma(s, x00, g20), vfma(s, x01, g21)
+            s = vsplat(p0[j + 3])
+            g30, g31 = vfma(s, x00, g30), vfma(s, x01, g31)
+            s = vsplat(p1[j])
+            g00, g01 = vfma(s, x10, g00), vfma(s, x11, g01)
+            s = vsplat(p1[j + 1])
+            g10, g11 = vfma(s, x10, g10), vfma(s, x11, g11)
+            s = vsplat(p1[j + 2])
+            g20, g21 = vfma(s, x10, g20), vfma(s, x11, g21)
+            s = vsplat(p1[j + 3])
+            g30, g31 = vfma(s, x10, g30), vfma(s, x11, g31)
+            s = vsplat(p2[j])
+            g00, g01 = vfma(s, x20, g00), vfma(s, x21, g01)
+            s = vsplat(p2[j + 1])
+            g10, g11 = vfma(s, x20, g10), vfma(s, x21, g11)
+            s = vsplat(p2[j + 2])
+            g20, g21 = vfma(s, x20, g20), vfma(s, x21, g21)
+            s = vsplat(p2[j + 3])
+            g30, g31 = vfma(s, x20, g30), vfma(s, x21, g31)
+            s = vsplat(p3[j])
+            g00, g01 = vfma(s, x30, g00), vfma(s, x31, g01)
+            s = vsplat(p3[j + 1])
+            g10, g11 = vfma(s, x30, g10), vfma(s, x31, g11)
+            s = vsplat(p3[j + 2])
+            g20, g21 = vfma(s, x30, g20), vfma(s, x31, g21)
+            s = vsplat(p3[j + 3])
+            g30, g31 = vfma(s, x30, g30), vfma(s, x31, g31)
+            s = vsplat(p4[j])
+            g00, g01 = vfma(s, x40, g00), vfma(s, x41, g01)
+            s = vsplat(p4[j + 1])
+            g10, g11 = vfma(s, x40, g10), vfma(s, x41, g11)
+            s = vsplat(p4[j + 2])
+            g20, g21 = vfma(s, x40, g20), vfma(s, x41, g21)
+            s = vsplat(p4[j + 3])
+            g30, g31 = vfma(s, x40, g30), vfma(s, x41, g31)
+            s = vsplat(p5[j])
+            g00, g01 = vfma(s, x50, g00), vfma(s, x51, g01)
+            s = vsplat(p5[j + 1])
+            g10, g11 = vfma(s, x50, g10), vfma(s, x51, g11)
+            s = vsplat(p5[j + 2])
+            g20, g21 = vfma(s, x50, g20), vfma(s, x51, g21)
+            s = vsplat(p5[j + 3])
+            g30, g31 = vfma(s, x50, g30), vfma(s, x51, g31)
+            s = vsplat(p6[j])
+            g00, g01 = vfma(s, x60, g00), vfma(s, x61, g01)
+            s = vsplat(p6[j + 1])
+            g10, g11 = vfma(s, x60, g10), vfma(s, x61, g11)
+            s = vsplat(p6[j + 2])
+            g20, g21 = vfma(s, x60, g20), vfma(s, x61, g21)
+            s = vsplat(p6[j + 3])
+            g30, g31 = vfma(s, x60, g30), vfma(s, x61, g31)
+            s = vsplat(p7[j])
+            g00, g01 = vfma(s, x70, g00), vfma(s, x71, g01)
+            s = vsplat(p7[j + 1])
+            g10, g11 = vfma(s, x70, g10), vfma(s, x71, g11)
+            s = vsplat(p7[j + 2])
+            g20, g21 = vfma(s, x70, g20), vfma(s, x71, g21)
+            s = vsplat(p7[j + 3])
+            g30, g31 = vfma(s, x70, g30), vfma(s, x71, g31)
+            vstore(grad, at, g00)
+            vstore(grad, at + w, g01)
+            vstore(grad, at + 1 * d, g10)
+            vstore(grad, at + 1 * d + w, g11)
+            vstore(grad, at + 2 * d, g20)
+            vstore(grad, at + 2 * d + w, g21)
+            vstore(grad, at + 3 * d, g30)
+            vstore(grad, at + 3 * d + w, g31)
+
+
+@njit(**_JIT)
+def backward_keys(qs, do, lse, delta, kt, kf, vt, keys, lo, hi, masked, dq, dk, dv, p, ds):
+    """One (row tile, key tile) pair of the backward, all five products included
+    (float32 or float64, all arrays of one dtype; no BLAS: 8 rows at a time in L1).
+
+    Parameters
+    ----------
+    qs, do : ndarray, (rows, d), C order
+        Scaled queries and output gradients; rows a multiple of ``FUSED_ROWS``, d of
+        ``FUSED_COLUMNS``.
+    lse, delta : ndarray, (rows,)
+        Each row's log-sum-exp (+inf for a row that sees no key) and
+        ``rowsum(dout * out)``.
+    kt, vt : ndarray, (d * width,)
+        The tile's keys and values transposed (column c of key j at ``c * width + j``),
+        width as in :func:`attend_keys`.
+    kf : ndarray, (width * d,)
+        The tile's keys in rows, zero from row ``keys`` on.
+    keys : int
+        Keys in the tile.
+    lo, hi : ndarray of int64, (rows,)
+        Visible keys [lo, hi] of each row (tile-local); read only when ``masked``.
+    masked : bool
+    dq : ndarray, (rows, d), C order
+        ``dS @ K`` of the rows is added here (not yet multiplied by the scale).
+    dk, dv : ndarray, (width * d,)
+        The key tile's gradients in rows; ``dS.T @ qs`` and ``P.T @ do`` are added.
+    p, ds : ndarray, (FUSED_ROWS, width), C order
+        Scratch.
+
+    Per block of 8 rows, over the 32-key columns any of them sees: P = exp(S - lse),
+    dP = do @ V.T, dS = P (dP - delta), then dq, dv and dk.
+    """
+    prefer_wide_vectors()
+    rows, d = qs.shape
+    width = kt.shape[0] // d
+    step = 2 * lanes(kt)  # keys per register block
+    for r0 in range(0, rows, FUSED_ROWS):
+        j0, n = _block_columns(lo, hi, r0, keys, masked, width, step)
+        if n == 0:  # no row of the block sees a key here: nothing changes
+            continue
+        _score_rows(qs, r0, kt, width, j0, n, d, p)
+        _score_rows(do, r0, vt, width, j0, n, d, ds)
+        for i in range(FUSED_ROWS):
+            a, b = _row_bounds(lo, hi, r0 + i, keys, masked)
+            a, b = min(max(a - j0, 0), n), min(max(b - j0, 0), n)
+            b = max(a, b)
+            prow, drow = p[i, :n], ds[i, :n]
+            shift, centre = lse[r0 + i], delta[r0 + i]
+            prow[:a] = 0
+            prow[b:] = 0
+            seen = prow[a:b]  # a view from 0: LLVM vectorises the loop (not from a)
+            for j in range(seen.shape[0]):
+                seen[j] = exp_nonpositive(seen[j] - shift)
+            for j in range(n):
+                drow[j] = prow[j] * (drow[j] - centre)
+        _add_rows(ds, kf, j0, n, dq, r0, d)
+        _add_key_rows(p, do, r0, dv, j0, n, d)
+        _add_key_rows(ds, qs, r0, dk, j0, n, d)
 
 
 @njit(**_JIT)

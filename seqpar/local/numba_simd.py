@@ -7,7 +7,7 @@ reduction per key: benchmarks/cpu_decode.md). These intrinsics give a numba func
 values of the LLVM types ``<16 x float>`` and ``<8 x double>``, which LLVM keeps in
 registers (one zmm with AVX-512, two ymm with AVX2, four q registers on Arm), and the
 few operations the kernels need: unaligned loads and stores at an index of a 1-D array
-with unit stride, a broadcast, a fused multiply-add, the shuffle-and-add steps that
+with unit stride, a broadcast, an add, a fused multiply-add, the shuffle-and-add steps that
 reduce 16 float32 vectors to one vector of 16 sums, and a prefetch hint.
 
 Every operation has one rounding and a fixed order (no fast-math flags), so results
@@ -21,8 +21,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["LANES", "fold1", "fold2", "fold4", "fold8", "lanes", "prefetch", "vfma", "vload",
-           "vsplat", "vstore", "vzero", "vzero_like"]
+__all__ = ["LANES", "fold1", "fold2", "fold4", "fold8", "lanes", "prefetch", "vadd", "vfma",
+           "vload", "vsplat", "vstore", "vzero", "vzero_like"]
 
 LANES = 16  # float32 lanes; float64 vectors have 8, of the same 512 bits
 _FLOAT = ir.FloatType()
@@ -167,6 +167,18 @@ def vfma(typingctx, a, b, c):
         return builder.call(function, args)
 
     return a(a, b, c), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """``a + b`` lane by lane."""
+    if not (a == b and isinstance(a, _Vector)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
 
 
 def _fold(half):

@@ -1,4 +1,7 @@
-"""Blocked attention backward on the CPU: BLAS matmuls over (query, key) tiles.
+"""Blocked attention backward on the CPU: BLAS matmuls over (query, key) tiles, or, where
+numba imports and the head dim is a multiple of 32, one compiled kernel per tile pair
+(:func:`numba_kernel.backward_keys <seqpar.local.numba_kernel.backward_keys>`, the
+same five products and steps in registers, 8 rows at a time).
 
 For one block of keys and the forward's lse over ALL keys, every visible pair
 of a query row tile and a key tile gives (rows stacked as in the forward:
@@ -190,15 +193,29 @@ def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate, fu
     # cost their page faults every time
     n_rows = max([p1 - p0 for p0, p1 in tiling.rows], default=0) * group
     buffers = np.empty((2, n_rows * _TILE_KEYS), dtype=acc)
+    # for a head dim it takes, the compiled pair kernel: products included, rows
+    # padded to its row blocks (padded rows have lse = +inf: P = 0, no gradient)
+    tiled = fused is not None and q.shape[3] % fused.FUSED_COLUMNS == 0
+    if tiled:
+        packed = _PackedPair(fused, _TILE_KEYS, q.shape[3], acc)
     for j0, j1 in key_tiles:
-        k_tile = _as(k[b, j0:j1, h, :], acc)
-        v_tile = _as(v[b, j0:j1, h, :], acc)
-        dk_tile = np.zeros(k_tile.shape, dtype=acc)
-        dv_tile = np.zeros(v_tile.shape, dtype=acc)
+        if tiled:
+            packed.load(k[b, j0:j1, h, :], v[b, j0:j1, h, :])
+            dk_tile, dv_tile = packed.dk, packed.dv
+        else:
+            k_tile = _as(k[b, j0:j1, h, :], acc)
+            v_tile = _as(v[b, j0:j1, h, :], acc)
+            dk_tile = np.zeros(k_tile.shape, dtype=acc)
+            dv_tile = np.zeros(v_tile.shape, dtype=acc)
         for p0, p1, bounds in tiling.pairs(j0, j1):
-            rows = _Rows(dout, q, lse, delta, b, heads, p0, p1, scale, acc)
-            dq_rows = _pair_grads(rows, k_tile, v_tile, bounds, dk_tile, dv_tile, buffers,
-                                  fused)
+            rows = _Rows(dout, q, lse, delta, b, heads, p0, p1, scale, acc,
+                         fused.FUSED_ROWS if tiled else 1)
+            if tiled:
+                dq_rows = packed.pair_grads(rows, bounds)
+            else:
+                dq_rows = _pair_grads(rows, k_tile, v_tile, bounds, dk_tile, dv_tile,
+                                      buffers, fused)
+            dq_rows = dq_rows[:(p1 - p0) * group]
             dq_rows *= scale
             target = dq[b, p0:p1, heads, :] if own is None else own[p0 - r0:p1 - r0]
             target += dq_rows.reshape(p1 - p0, group, -1)
@@ -209,22 +226,77 @@ def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate, fu
                 grad[b, j0:j1, h, :] = tile
 
 
+class _PackedPair:
+    """A job's buffers for the compiled pair kernel
+    (:func:`seqpar.local.numba_kernel.backward_keys`): one key tile's keys and values
+    transposed and its keys in rows (zero beyond its keys, to a width of whole column
+    blocks), its dK and dV accumulators, and the P and dS scratch of a row block."""
+
+    def __init__(self, fused, keys: int, d: int, dtype):
+        self.fused = fused
+        width = -(-keys // fused.FUSED_COLUMNS) * fused.FUSED_COLUMNS
+        # kt, vt, kf; dk, dv of the tile; dk, dv of one pair, summed from zero and then
+        # added (as the BLAS products were: one chain over every row has ~3x the error)
+        self.buffers = np.zeros((7, width * d), dtype=dtype)
+        self.scratch = np.empty((2, fused.FUSED_ROWS, width), dtype=dtype)
+
+    def load(self, k_tile, v_tile) -> None:
+        """Copy (and cast) the (keys, d) tiles in; zero the gradient accumulators."""
+        keys, d = k_tile.shape
+        self.keys = keys
+        width = -(-keys // self.fused.FUSED_COLUMNS) * self.fused.FUSED_COLUMNS
+        self.kt, self.vt, self.kf, dk, dv, self._pair_dk, self._pair_dv = \
+            self.buffers[:, :width * d]
+        for flat, tile in ((self.kt, k_tile), (self.vt, v_tile)):
+            flat.reshape(d, width)[:, :keys] = tile.T
+            flat.reshape(d, width)[:, keys:] = 0
+        self.kf.reshape(width, d)[:keys] = k_tile
+        self.kf.reshape(width, d)[keys:] = 0
+        dk[...], dv[...] = 0, 0
+        self.dk, self.dv = dk.reshape(width, d)[:keys], dv.reshape(width, d)[:keys]
+        self._dk, self._dv = dk, dv
+
+    def pair_grads(self, rows, bounds):
+        """Add one pair's dK, dV into the accumulators; return its (padded) dQ / scale."""
+        masked = bounds is not None
+        lo, hi = bounds if masked else (_NO_BOUNDS, _NO_BOUNDS)
+        if masked and len(lo) < rows.qs.shape[0]:
+            pad = (0, rows.qs.shape[0] - len(lo))
+            lo, hi = np.pad(lo, pad, mode="edge"), np.pad(hi, pad, mode="edge")
+        dq_rows = np.zeros_like(rows.qs)
+        self._pair_dk[...], self._pair_dv[...] = 0, 0
+        self.fused.backward_keys(rows.qs, rows.do, rows.lse, rows.delta, self.kt, self.kf,
+                                 self.vt, self.keys, lo, hi, masked, dq_rows, self._pair_dk,
+                                 self._pair_dv, self.scratch[0], self.scratch[1])
+        self._dk += self._pair_dk
+        self._dv += self._pair_dv
+        return dq_rows
+
+
 class _Rows:
     """One query row tile in the accumulation dtype, rows ordered (position, head in group).
 
     ``qs`` is ``scale * q``; ``lse`` has +inf for rows that see no key, so that
-    ``exp(s - lse)`` is exactly 0 there instead of exp(+inf) or NaN.
+    ``exp(s - lse)`` is exactly 0 there instead of exp(+inf) or NaN. Rows are padded
+    to a multiple of ``multiple`` with zero rows whose lse is +inf.
     """
 
     __slots__ = ("qs", "do", "lse", "delta")
 
-    def __init__(self, dout, q, lse, delta, b, heads, p0, p1, scale, acc):
-        n, d = (p1 - p0) * (heads.stop - heads.start), q.shape[3]
-        self.qs = np.multiply(q[b, p0:p1, heads, :], scale, dtype=acc).reshape(n, d)
-        self.do = np.asarray(dout[b, p0:p1, heads, :], dtype=acc).reshape(n, d)
+    def __init__(self, dout, q, lse, delta, b, heads, p0, p1, scale, acc, multiple=1):
+        group, d = heads.stop - heads.start, q.shape[3]
+        n = (p1 - p0) * group
+        padded = n + (-n % multiple)
+        self.qs = np.zeros((padded, d), dtype=acc)
+        self.do = np.zeros((padded, d), dtype=acc)
+        np.multiply(q[b, p0:p1, heads, :], scale, dtype=acc,
+                    out=self.qs[:n].reshape(p1 - p0, group, d))
+        self.do[:n].reshape(p1 - p0, group, d)[...] = dout[b, p0:p1, heads, :]
+        self.lse = np.full(padded, np.inf, dtype=acc)
+        self.delta = np.zeros(padded, dtype=acc)
         row_lse = np.asarray(lse[b, heads, p0:p1].T, dtype=acc).reshape(n)
-        self.lse = np.where(row_lse == -np.inf, np.inf, row_lse)
-        self.delta = np.asarray(delta[b, heads, p0:p1].T, dtype=acc).reshape(n)
+        self.lse[:n] = np.where(row_lse == -np.inf, np.inf, row_lse)
+        self.delta[:n] = np.asarray(delta[b, heads, p0:p1].T, dtype=acc).reshape(n)
 
 
 def _pair_grads(rows, k_tile, v_tile, bounds, dk_tile, dv_tile, buffers, fused):

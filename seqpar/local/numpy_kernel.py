@@ -1,4 +1,10 @@
-"""Blocked attention on the CPU: BLAS matmuls over K/V tiles with an online softmax.
+"""Blocked attention on the CPU: K/V tiles with an online softmax.
+
+Where numba imports and the head dim is a multiple of 32, a compiled kernel does a
+tile's two products and softmax step in one pass (:func:`numba_kernel.attend_keys
+<seqpar.local.numba_kernel.attend_keys>`, on a copy of the tile's keys and values);
+otherwise two BLAS matmuls per tile with the softmax step between them (compiled, or
+NumPy passes without numba).
 
 Memory stays O(tile): a (rows x keys) score tile is the largest temporary, and
 each tile job reads q, k and v in place (any strides) and writes its own rows of
