@@ -6,8 +6,8 @@ which is what every mask gives (:mod:`seqpar.masks`); columns outside it become 
 
 - :func:`attend_keys`: a key tile into the forward's running softmax, both products
   included, 8 query rows at a time in explicit vectors (:mod:`seqpar.local.numba_simd`):
-  their scores stay in L1 between the products, and only the 32-key columns a block of
-  rows sees are computed (head dims a multiple of 32).
+  their scores stay in L1 between the products, and only the blocks of keys (32 float32
+  or 16 float64) that one of the rows sees are computed (head dims a multiple of 32).
 - :func:`backward_keys`: one (row tile, key tile) pair of the backward the same way,
   all five products included.
 - :func:`softmax_step`: the forward's online-softmax step between two BLAS products
@@ -56,8 +56,8 @@ __all__ = ["DECODE_CHUNK", "DECODE_HEADS_COLUMNS", "FUSED_COLUMNS", "FUSED_ROWS"
 # Keys per chunk of the decode kernel: a chunk's scores (rows x chunk) stay in L1/L2
 # between the score, softmax and value passes, while K and V stream from memory once.
 DECODE_CHUNK = 512
-# attend_keys takes row tiles of a multiple of FUSED_ROWS rows and head dims of a multiple
-# of FUSED_COLUMNS (its register blocks: 8 rows x two vectors, 32 float32 or 16 float64)
+# attend_keys and backward_keys take row tiles of a multiple of FUSED_ROWS rows and head
+# dims of a multiple of FUSED_COLUMNS (its register blocks: 8 rows x two vectors, 32 float32 or 16 float64)
 FUSED_ROWS = 8
 FUSED_COLUMNS = 2 * LANES
 # decode_heads takes float32 rows of a multiple of this many columns (two vectors)
@@ -278,7 +278,7 @@ def attend_keys(q, kt, vf, keys, lo, hi, masked, row_max, row_sum, out, scores):
     scores : ndarray, (FUSED_ROWS, width), C order
         Scratch.
 
-    Each block of 8 rows takes the 32-key columns that any of its rows sees (a causal
+    Each block of 8 rows takes the blocks of keys that any of its rows sees (a causal
     diagonal tile costs about half a full one), scores them, runs the online-softmax
     step row by row and adds its values.
     """
@@ -428,7 +428,7 @@ def backward_keys(qs, do, lse, delta, kt, kf, vt, keys, lo, hi, masked, dq, dk, 
     p, ds : ndarray, (FUSED_ROWS, width), C order
         Scratch.
 
-    Per block of 8 rows, over the 32-key columns any of them sees: P = exp(S - lse),
+    Per block of 8 rows, over the blocks of keys any of them sees: P = exp(S - lse),
     dP = do @ V.T, dS = P (dP - delta), then dq, dv and dk.
     """
     prefer_wide_vectors()

@@ -28,6 +28,7 @@ from ..masks import FULL, HIDDEN
 from .numpy_kernel import (
     _NO_BOUNDS,
     _as,
+    _block_width,
     _threads,
     _tile_kind,
     compiled,
@@ -234,7 +235,7 @@ class _PackedPair:
 
     def __init__(self, fused, keys: int, d: int, dtype):
         self.fused = fused
-        width = -(-keys // fused.FUSED_COLUMNS) * fused.FUSED_COLUMNS
+        width = _block_width(fused, keys)
         # kt, vt, kf; dk, dv of the tile; dk, dv of one pair, summed from zero and then
         # added (as the BLAS products were: one chain over every row has ~3x the error)
         self.buffers = np.zeros((7, width * d), dtype=dtype)
@@ -244,7 +245,7 @@ class _PackedPair:
         """Copy (and cast) the (keys, d) tiles in; zero the gradient accumulators."""
         keys, d = k_tile.shape
         self.keys = keys
-        width = -(-keys // self.fused.FUSED_COLUMNS) * self.fused.FUSED_COLUMNS
+        width = _block_width(self.fused, keys)
         self.kt, self.vt, self.kf, dk, dv, self._pair_dk, self._pair_dv = \
             self.buffers[:, :width * d]
         for flat, tile in ((self.kt, k_tile), (self.vt, v_tile)):

@@ -254,16 +254,20 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
         o_tile += np.matmul(scores, _as(v[j0:j1], acc), out=pv)
 
 
+def _block_width(fused, keys: int) -> int:
+    """``keys`` rounded up to whole column blocks of the compiled tile kernels."""
+    return -(-keys // fused.FUSED_COLUMNS) * fused.FUSED_COLUMNS
+
+
 class _PackedKeys:
     """A job's buffers for the compiled tile kernel's copy of one key tile: keys
     transposed (``kt``: column c of key j at ``c * width + j``) and values in rows
-    (``vf``), zero beyond the tile's keys up to a width that is a
-    multiple of the kernel's column blocks; and its (8, width) score scratch, all of the
-    accumulation dtype."""
+    (``vf``), zero beyond the tile's keys up to :func:`_block_width`; and its (8, width)
+    score scratch, all of the accumulation dtype."""
 
     def __init__(self, fused, keys: int, d: int, dtype):
         self.fused = fused
-        width = -(-keys // fused.FUSED_COLUMNS) * fused.FUSED_COLUMNS
+        width = _block_width(fused, keys)
         self.kt_buffer = np.zeros(d * width, dtype=dtype)
         self.vf_buffer = np.zeros(width * d, dtype=dtype)
         self.scores = np.empty((fused.FUSED_ROWS, width), dtype=dtype)
@@ -272,7 +276,7 @@ class _PackedKeys:
         """Copy (and cast) the (keys, d) tiles in; False, when a key is NaN or inf (the
         NumPy passes then make NaN the rows that see it)."""
         keys, d = k_tile.shape
-        width = -(-keys // self.fused.FUSED_COLUMNS) * self.fused.FUSED_COLUMNS
+        width = _block_width(self.fused, keys)
         self.kt = self.kt_buffer[:d * width]
         self.vf = self.vf_buffer[:width * d]
         kt, vf = self.kt.reshape(d, width), self.vf.reshape(width, d)
