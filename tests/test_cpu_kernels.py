@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import TOL, check_attention, random_qkv
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from reference import reference_attention, relative_error
 
 import seqpar
@@ -107,6 +109,48 @@ def test_pair_kernel_backward_against_float64(rng, cpu_kernel, dtype, causal, wi
     ref = reference_attention_backward(dout, q, k, v, softmax_scale=0.125, visible=visible)
     for got, want in zip(grads, ref):
         assert relative_error(got, want) <= TOL[dtype]
+
+
+@settings(max_examples=30, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(sq=st.integers(1, 90), sk=st.integers(1, 200), group=st.sampled_from([1, 3, 4]),
+       d=st.sampled_from([32, 64, 96]), causal=st.booleans(),
+       window=st.sampled_from([None, (0, None), (7, 3), (40, 0)]),
+       q_offset=st.integers(0, 150), dtype=st.sampled_from(["float32", "float64"]),
+       tiles=st.sampled_from([(8, 32), (12, 40), (512, 512)]), seed=st.integers(0, 2**32 - 1))
+def test_property_tile_kernel_matches_reference(monkeypatch, sq, sk, group, d, causal, window,
+                                                q_offset, dtype, tiles, seed):
+    """The tile kernel on any row and key count (TILED_ROWS lowered to 1), row tiles
+    that cut GQA groups' rows into partial 8-row blocks, key tiles of partial blocks,
+    any mask and offset, against float64."""
+    monkeypatch.setattr(numpy_kernel, "TILED_ROWS", 1)
+    monkeypatch.setattr(numpy_kernel, "_TILE_ROWS", tiles[0])
+    monkeypatch.setattr(numpy_kernel, "_TILE_KEYS", tiles[1])
+    rng = np.random.default_rng(seed)
+    q, k, v = random_qkv(rng, dtype, b=1, sq=sq, sk=sk, hq=2 * group, hk=2, d=d)
+    mask = seqpar.masks.Mask.build(causal, window)
+    positions = np.arange(q_offset, q_offset + sq)
+    visible = None if mask is None else mask.visible_pairs(positions, np.arange(sk))
+    out, lse = numpy_kernel.forward(q, k, v, scale=0.3, mask=mask, q_offset=q_offset)
+    ref, ref_lse = reference_attention(q, k, v, softmax_scale=0.3, visible=visible)
+    seen = np.ones(sq, dtype=bool) if visible is None else visible.any(axis=1)
+    if not seen.any():
+        assert not out.any()
+        return
+    assert relative_error(out[:, seen], ref[:, seen]) <= TOL[dtype]
+    assert not out[:, ~seen].any()
+    assert relative_error(lse[..., seen], ref_lse[..., seen]) <= TOL[dtype]
+
+
+def test_few_rows_keep_the_blas_tiles(rng, cpu_kernel, monkeypatch):
+    """Fewer rows per K/V head than TILED_ROWS (16 queries of a GQA group of 4): the
+    BLAS products, which need no copy of the keys, against float64."""
+    q, k, v = random_qkv(rng, "float32", b=1, sq=16, sk=3000, hq=8, hk=2, d=64)
+    assert 16 * 4 < numpy_kernel.TILED_ROWS
+    calls = _count_tile_kernel_calls(monkeypatch, cpu_kernel)
+    out = seqpar.attention(q, k, v)
+    check_attention(out, q, k, v)
+    assert not calls
 
 
 def test_tile_kernel_nan_key_propagates(rng, cpu_kernel):

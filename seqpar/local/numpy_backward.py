@@ -27,6 +27,7 @@ from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
 from .numpy_kernel import (
     _NO_BOUNDS,
+    TILED_ROWS,
     _as,
     _block_width,
     _threads,
@@ -194,9 +195,11 @@ def _backward_job(arrays, scale, tiling, b, h, key_tiles, own_dq, accumulate, fu
     # cost their page faults every time
     n_rows = max([p1 - p0 for p0, p1 in tiling.rows], default=0) * group
     buffers = np.empty((2, n_rows * _TILE_KEYS), dtype=acc)
-    # for a head dim it takes, the compiled pair kernel: products included, rows
-    # padded to its row blocks (padded rows have lse = +inf: P = 0, no gradient)
-    tiled = fused is not None and q.shape[3] % fused.FUSED_COLUMNS == 0
+    # for a head dim it takes and rows enough to pay for its copies of each key tile
+    # (the forward's measured threshold), the compiled pair kernel: products included,
+    # rows padded to its row blocks (padded rows have lse = +inf: P = 0, no gradient)
+    tiled = (fused is not None and q.shape[3] % fused.FUSED_COLUMNS == 0
+             and q.shape[1] * group >= TILED_ROWS)
     if tiled:
         packed = _PackedPair(fused, _TILE_KEYS, q.shape[3], acc)
     for j0, j1 in key_tiles:

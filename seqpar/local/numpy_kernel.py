@@ -25,8 +25,8 @@ from .._arrays import accumulation_dtype
 from ..masks import FULL, HIDDEN
 from ..merge import CARRY_DTYPE, merge_weights, normalise_sums, sum_weights, sums_lse
 
-__all__ = ["SPLIT_CARRY", "backward", "backward_delta", "compiled", "forward", "normalise_sums",
-           "plan_forward", "sum_weights", "sums_lse", "visible_key_range"]
+__all__ = ["SPLIT_CARRY", "TILED_ROWS", "backward", "backward_delta", "compiled", "forward",
+           "normalise_sums", "plan_forward", "sum_weights", "sums_lse", "visible_key_range"]
 
 # The carry between merges keeps (row max, log of the sum) apart (seqpar.merge): with
 # float64 scores the weights then stay exact at any score magnitude.
@@ -51,6 +51,11 @@ _DECODE_HEAD_DIM = 64
 # their partial results merge in key order.
 _DECODE_PIECE = 16384
 _NO_BOUNDS = np.zeros(0, dtype=np.int64)  # the compiled kernels' "no mask" bounds
+# The compiled tile kernels copy each key tile (keys transposed, values in rows) before
+# their products: from this many rows on that beats BLAS and the compiled softmax step
+# (measured, 65,536 keys, 2 threads: 0.72-0.78x at 64 rows, 1.02-1.15x at 128, 1.11-1.33x
+# at 256-512; benchmarks/cpu_attention.md)
+TILED_ROWS = 128
 
 
 def forward(q, k, v, *, scale, mask=None, q_offset=0, k_offset=0, key_lengths=None,
@@ -150,9 +155,11 @@ def _attend_tile(q, k, v, out, lse, scale, mask, q_offset, k_offset, b, h, p0, p
     # once for all rows, where BLAS would run two thin products; it gives up on a NaN
     # or inf score, and the NumPy passes start again
     decoding = fused is not None and n_rows <= _DECODE_ROWS and d <= _DECODE_HEAD_DIM
-    # else, for a head dim it takes: the compiled tile kernel, products included, on
-    # rows padded to its row blocks (the padding is cut off at the end)
-    tiled = fused is not None and not decoding and d % fused.FUSED_COLUMNS == 0
+    # else, for a head dim it takes and enough rows to pay for its copy of each key
+    # tile: the compiled tile kernel, products included, on rows padded to its row
+    # blocks (the padding is cut off at the end)
+    tiled = (fused is not None and not decoding and d % fused.FUSED_COLUMNS == 0
+             and n_rows >= TILED_ROWS)
     rows = n_rows + (-n_rows % fused.FUSED_ROWS if tiled else 0)
     # rows ordered (position, head in group): row r is at position p0 + r // group
     q_tile = np.zeros((rows, d), dtype=acc)
@@ -218,8 +225,10 @@ def _online_softmax(q_tile, k, v, lo, hi, j_begin, j_end, acc, o_tile, row_max, 
     :mod:`seqpar.local.numba_kernel`) or as NumPy passes."""
     n_rows, d = q_tile.shape
     # few rows (decoding): longer key tiles keep a score tile's size and cut the
-    # per-tile overhead, which would otherwise dominate a memory-bound pass
-    tile_keys = max(_TILE_KEYS, (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
+    # per-tile overhead, which would otherwise dominate a memory-bound pass; the tile
+    # kernel keeps its tiles, whose transposed copy is cheapest per key at this size
+    tile_keys = _TILE_KEYS if tiled else max(_TILE_KEYS,
+                                             (_TILE_ROWS * _TILE_KEYS) // max(n_rows, 1))
     # the score tile and the product with V are written into buffers made once per
     # job: a fresh 2 MiB array per tile costs its page faults every time
     score_buffer = np.empty(n_rows * min(tile_keys, max(j_end - j_begin, 0)), dtype=acc)
