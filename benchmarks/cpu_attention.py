@@ -10,7 +10,8 @@
 
 FLOPs are counted as 4*B*H*N*N*d, halved when causal. Times are medians of 3
 runs after one warm-up in parts 2-3; part 1 takes the best of 3 (1 beyond N=8192), each
-after a pause. ``--single`` runs part 1 only.
+after a pause. ``--single`` runs part 1 only; ``--rows`` only the row count from which
+the compiled tile kernel beats BLAS (numpy_kernel.TILED_ROWS).
 """
 import datetime
 import json
@@ -118,6 +119,37 @@ def single_rank():
         print(f"\nGeometric mean ratio seqpar / torch, {dtype}: **{geo:.2f}**")
 
 
+def tile_kernel_rows():
+    """Where the compiled tile kernel beats BLAS with the compiled step: queries of a
+    GQA group of 4 against 65,536 keys, rows per K/V head 64-512, both paths forced
+    (the BLAS one by a head-dim block the kernel cannot take)."""
+    from seqpar.local import numba_kernel, numpy_kernel
+
+    keys, columns = 65536, numba_kernel.FUSED_COLUMNS
+    print(f"\n### Tile kernel against BLAS + compiled step, {keys} keys, heads 8/2 "
+          f"(threshold: numpy_kernel.TILED_ROWS = {numpy_kernel.TILED_ROWS})\n")
+    print("| rows per K/V head | d | tile kernel ms | BLAS + step ms | ratio |")
+    print("| --- | --- | --- | --- | --- |")
+    rng = np.random.default_rng(0)
+    saved = numpy_kernel.TILED_ROWS
+    try:
+        numpy_kernel.TILED_ROWS = 1
+        for d in (64, 128):
+            k, v = (rng.standard_normal((1, keys, 2, d)).astype(np.float32) for _ in range(2))
+            for queries in (16, 32, 64, 128):
+                q = rng.standard_normal((1, queries, 8, d)).astype(np.float32)
+                tiled = best_time(lambda: seqpar.attention(q, k, v))
+                numba_kernel.FUSED_COLUMNS = 7  # no head dim is a multiple: BLAS tiles
+                try:
+                    blas = best_time(lambda: seqpar.attention(q, k, v))
+                finally:
+                    numba_kernel.FUSED_COLUMNS = columns
+                print(f"| {queries * 4} | {d} | {tiled * 1e3:.1f} | {blas * 1e3:.1f} "
+                      f"| {blas / tiled:.2f} |", flush=True)
+    finally:
+        numpy_kernel.TILED_ROWS = saved
+
+
 def peak_memory():
     n, d = 32768, 64
     rng = np.random.default_rng(0)
@@ -161,6 +193,9 @@ if __name__ == "__main__":
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"numpy {np.__version__}; seqpar {seqpar.__version__}")
     print(f"Command: `python {' '.join(sys.argv)}`")
+    if "--rows" in sys.argv:
+        tile_kernel_rows()
+        sys.exit(0)
     single_rank()
     if "--single" not in sys.argv:
         peak_memory()

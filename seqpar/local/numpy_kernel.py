@@ -53,8 +53,8 @@ _DECODE_PIECE = 16384
 _NO_BOUNDS = np.zeros(0, dtype=np.int64)  # the compiled kernels' "no mask" bounds
 # The compiled tile kernels copy each key tile (keys transposed, values in rows) before
 # their products: from this many rows on that beats BLAS and the compiled softmax step
-# (measured, 65,536 keys, 2 threads: 0.72-0.78x at 64 rows, 1.02-1.15x at 128, 1.11-1.33x
-# at 256-512; benchmarks/cpu_attention.md)
+# in every run (65,536 keys, 2 threads: 1.02-1.15x at 128 rows, 1.05-1.33x at 256-512;
+# 0.72-1.15x at 64; `python benchmarks/cpu_attention.py --rows`, cpu_attention.md)
 TILED_ROWS = 128
 
 
